@@ -1,0 +1,146 @@
+"""Model families for the tasks. No in-place ops anywhere: Opacus' per-sample hooks need that.
+
+* :class:`MLP` — fully connected ReLU net with configurable widths (SPEAR's setting,
+  tabular tasks).
+* :class:`SmallCNN` — LeNet-sized conv net for 8×8 … 32×32 images.
+* :func:`resnet18` — CIFAR-style ResNet-18 (3×3 stem, no max-pool), BatchNorm or GroupNorm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    """A fresh activation module by name (never in place)."""
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+class MLP(nn.Module):
+    """Flatten → [Linear → act] × len(widths) → Linear(num_classes)."""
+
+    def __init__(self, in_features: int, num_classes: int, widths: Sequence[int] = (200,), act: str = "relu") -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        prev = in_features
+        for w in widths:
+            layers += [nn.Linear(prev, w), activation(act)]
+            prev = w
+        layers.append(nn.Linear(prev, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """LeNet-sized CNN: two 3×3 convs (stride 1 then 2) and two linear layers.
+
+    Sized so that an attack iteration on 8×8 digits costs about a millisecond on CPU.
+    """
+
+    def __init__(
+        self, in_channels: int, image_size: int, num_classes: int, channels: int = 16, hidden: int = 64, act: str = "relu"
+    ) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=1),
+            activation(act),
+            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1),
+            activation(act),
+        )
+        side = math.ceil(image_size / 2)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * channels * side * side, hidden), activation(act), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels), channels)
+    raise ValueError(f"unknown norm {kind!r}; use 'batch' or 'group'")
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; the residual sum is out-of-place (``a + b``) for Opacus."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.n1 = _norm(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.n2 = _norm(norm, cout)
+        self.act1 = nn.ReLU()
+        self.act2 = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), _norm(norm, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.n1(self.conv1(x)))
+        out = self.n2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18 (He et al. 2016): 3×3 stem, four stages of two blocks."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, norm: str = "group", width: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), _norm(norm, width), nn.ReLU())
+        blocks: list[nn.Module] = []
+        cin = width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            cout = width * mult
+            for j in range(2):
+                blocks.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1, norm))
+                cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+def build_model(
+    arch: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    widths: Sequence[int] = (200,),
+    act: str = "relu",
+    norm: str = "group",
+) -> nn.Module:
+    """A model of family ``arch`` ('mlp', 'cnn', 'resnet18') for inputs of ``input_shape``."""
+    if arch == "mlp":
+        return MLP(math.prod(input_shape), num_classes, widths, act)
+    if arch == "cnn":
+        if len(input_shape) != 3:
+            raise ValueError("model 'cnn' needs image inputs (C, H, W); use 'mlp' for tabular tasks")
+        return SmallCNN(input_shape[0], input_shape[-1], num_classes, act=act)
+    if arch == "resnet18":
+        if len(input_shape) != 3:
+            raise ValueError("model 'resnet18' needs image inputs (C, H, W); use 'mlp' for tabular tasks")
+        return ResNet18(input_shape[0], num_classes, norm=norm)
+    raise ValueError(f"unknown model {arch!r}; choose one of ['mlp', 'cnn', 'resnet18']")

@@ -1,0 +1,1 @@
+"""Built-in attacks (a plugin package registered through the 'defenda' entry-point group)."""

@@ -1,0 +1,1 @@
+"""Built-in metrics (a plugin package registered through the 'defenda' entry-point group)."""
