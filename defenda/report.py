@@ -1,0 +1,219 @@
+"""The report of a results directory: CSV/Parquet exports, trade-off curves, reconstruction grids, index.md.
+
+Trade-off figure (one per task and leakage metric): one panel per attack plus
+a *worst case* panel (for each defended update, the strongest attack), x =
+test accuracy, y = leakage; one curve per defense, one point per strength
+(median over seeds, bars spanning min..max), ε written beside DP points, the
+undefended model marked with a star.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defenda.store import Store
+
+# Okabe–Ito: a colour-blind-safe palette.
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+METRIC_LABELS = {
+    "psnr": "leakage: PSNR of reconstruction (dB) ↑ worse privacy",
+    "ssim": "leakage: SSIM of reconstruction ↑ worse privacy",
+    "lpips": "leakage: LPIPS distance ↓ worse privacy",
+    "label_acc": "leakage: label accuracy ↑ worse privacy",
+    "mae": "leakage: MAE of features (std units) ↓ worse privacy",
+}
+HIGHER_IS_WORSE = {"psnr": True, "ssim": True, "label_acc": True, "lpips": False, "mae": False, "mse": False}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, metric: str = "psnr") -> Path:
+    """Write the report of ``results_dir`` into ``out_dir`` (default ``results_dir/report``); return index.md."""
+    results_dir = Path(results_dir)
+    out = Path(out_dir) if out_dir else results_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    with Store(results_dir, write=False) as store:
+        df = store.dataframe()
+        lines = [f"# defenda report: {', '.join(sorted(df['study'].unique())) or 'empty'}", ""]
+        df.drop(columns=["extra"]).to_csv(out / "results.csv", index=False)
+        _parquet(df, out / "results.parquet")
+        lines += _summary(df)
+        ok = df[df["status"] == "ok"]
+        for task in sorted(ok["task"].unique()):
+            sub = ok[ok["task"] == task]
+            m = metric if sub[metric].notna().any() else "mae"
+            fig = _tradeoff_figure(sub, task, m, out)
+            lines += [f"## Task `{task}`", "", f"![trade-off {task}]({fig.name})", "",
+                      _table(sub, m), ""]
+            for attack in sorted(sub["attack"].unique()):
+                grid = _grid(store, sub[sub["attack"] == attack], task, attack, out)
+                if grid is not None:
+                    lines += [f"### Reconstructions: `{attack}` on `{task}`", "",
+                              "Top row: ground truth; then one row per defense strength (seed "
+                              f"{int(sub['seed'].min())}, first images of the batch).", "",
+                              f"![grid {attack}]({grid.name})", ""]
+    lines += _problems(df)
+    index = out / "index.md"
+    index.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return index
+
+
+def _parquet(df: Any, path: Path) -> None:
+    try:
+        flat = df.copy()
+        for col in ("params", "knowledge", "versions", "extra"):
+            flat[col] = flat[col].map(lambda v: None if v is None else __import__("json").dumps(v, default=str))
+        flat.to_parquet(path, index=False)
+    except ImportError:  # pyarrow missing: the CSV is enough
+        pass
+
+
+def _summary(df: Any) -> list[str]:
+    counts = df["status"].value_counts().to_dict()
+    return ["Trials: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "skipped", "error")) + ".",
+            "Exports: [results.csv](results.csv), [results.parquet](results.parquet).", ""]
+
+
+def _label(defense: str, strength: float | None) -> str:
+    return defense if strength is None or (isinstance(strength, float) and math.isnan(strength)) \
+        else f"{defense} {strength:g}"
+
+
+def _aggregate(sub: Any, metric: str) -> Any:
+    """Median, min, max over seeds of utility and leakage per (attack, defense, strength)."""
+    g = sub.assign(strength=sub["strength"].fillna(-1.0)).groupby(["attack", "defense", "strength"], dropna=False)
+    agg = g.agg(acc=("test_acc", "median"), acc_lo=("test_acc", "min"), acc_hi=("test_acc", "max"),
+                leak=(metric, "median"), leak_lo=(metric, "min"), leak_hi=(metric, "max"),
+                eps=("epsilon", "median"), n=("seed", "count")).reset_index()
+    agg.loc[agg["strength"] == -1.0, "strength"] = np.nan
+    return agg
+
+
+def _worst_case(sub: Any, metric: str) -> Any:
+    """For each defended update (defense, strength, batch, seed), the strongest attack's leakage."""
+    keys = ["defense", "strength", "batch_size", "seed"]
+    s = sub.assign(strength=sub["strength"].fillna(-1.0)).dropna(subset=[metric])
+    best = s.groupby(keys)[metric].max() if HIGHER_IS_WORSE.get(metric, True) else s.groupby(keys)[metric].min()
+    acc = s.groupby(keys)["test_acc"].first()
+    eps = s.groupby(keys)["epsilon"].first()
+    w = best.to_frame().join(acc).join(eps).reset_index()
+    w.loc[w["strength"] == -1.0, "strength"] = np.nan
+    return w.assign(attack="worst case")
+
+
+def _tradeoff_figure(sub: Any, task: str, metric: str, out: Path) -> Path:
+    plt = _plt()
+    attacks = sorted(sub["attack"].unique())
+    panels = attacks + (["worst case"] if len(attacks) > 1 else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    defenses = sorted(sub["defense"].unique(), key=lambda d: (d != "none", d))
+    for ax, attack in zip(axes[0], panels):
+        data = _worst_case(sub, metric) if attack == "worst case" else sub[sub["attack"] == attack]
+        agg = _aggregate(data, metric)
+        for i, defense in enumerate(defenses):
+            d = agg[agg["defense"] == defense].sort_values("strength")
+            if d.empty or d["leak"].isna().all():
+                continue
+            style = {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)]}
+            if defense == "none":
+                ax.plot(d["acc"], d["leak"], linestyle="none", marker="*", markersize=14, color="black",
+                        label="no defense", zorder=5)
+                continue
+            ax.errorbar(d["acc"], d["leak"], xerr=[d["acc"] - d["acc_lo"], d["acc_hi"] - d["acc"]],
+                        yerr=[d["leak"] - d["leak_lo"], d["leak_hi"] - d["leak"]], capsize=2, label=defense,
+                        linewidth=1.4, markersize=5, **style)
+            for _, r in d.iterrows():
+                tag = f"{r['strength']:g}" if not np.isnan(r["strength"]) else ""
+                if r["eps"] is not None and not (isinstance(r["eps"], float) and np.isnan(r["eps"])):
+                    tag += f" (ε={r['eps']:.3g})"
+                ax.annotate(tag, (r["acc"], r["leak"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(attack)
+        ax.set_xlabel("utility: test accuracy (fraction)")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"Privacy/utility trade-off on {task} (median over seeds; bars: min–max)")
+    fig.tight_layout()
+    path = out / f"tradeoff_{task}_{metric}.png"
+    fig.savefig(path, dpi=130)
+    fig.savefig(path.with_suffix(".svg"))
+    plt.close(fig)
+    return path
+
+
+def _table(sub: Any, metric: str) -> str:
+    agg = _aggregate(sub, metric)
+    rows = ["| attack | defense | strength | test acc | ε | " + metric + " (median) | seeds |",
+            "|---|---|---|---|---|---|---|"]
+    for _, r in agg.sort_values(["attack", "defense", "strength"]).iterrows():
+        eps = "" if r["eps"] is None or (isinstance(r["eps"], float) and np.isnan(r["eps"])) else f"{r['eps']:.3g}"
+        strength = "" if np.isnan(r["strength"]) else f"{r['strength']:g}"
+        acc = "" if np.isnan(r["acc"]) else f"{r['acc']:.3f}"
+        leak = "" if np.isnan(r["leak"]) else f"{r['leak']:.2f}"
+        rows.append(f"| {r['attack']} | {r['defense']} | {strength} | {acc} | {eps} | {leak} | {r['n']} |")
+    return "\n".join(rows)
+
+
+def _grid(store: Store, sub: Any, task: str, attack: str, out: Path, max_images: int = 8) -> Path | None:
+    """Ground truth row, then one reconstruction row per (defense, strength), from the smallest seed."""
+    seed = sub["seed"].min()
+    pick = sub[sub["seed"] == seed].sort_values(["defense", "strength", "batch_size"])
+    pick = pick.assign(order=pick["defense"] != "none").sort_values(["order", "defense", "strength"])
+    rows: list[tuple[str, np.ndarray]] = []
+    truth: np.ndarray | None = None
+    for _, r in pick.iterrows():
+        arrays = store.load_arrays(r["key"])
+        if arrays is None:
+            continue
+        if truth is None:
+            truth = arrays["truth"][:max_images]
+            rows.append(("ground truth", truth))
+        label = f"{_label(r['defense'], r['strength'])} (B={r['batch_size']}, {r['psnr']:.1f} dB)"
+        rows.append((label, arrays["recon"][:max_images]))
+    if truth is None:
+        return None
+    plt = _plt()
+    ncol = max(len(imgs) for _, imgs in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.1 * ncol + 2.2, 1.1 * len(rows)), squeeze=False)
+    for i, (label, imgs) in enumerate(rows):
+        for j in range(ncol):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(imgs):
+                img = imgs[j]
+                img = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
+                ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.axis("off")
+        axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    path = out / f"grid_{task}_{attack}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _problems(df: Any) -> list[str]:
+    bad = df[df["status"] != "ok"]
+    if bad.empty:
+        return []
+    lines = ["## Skipped and failed trials", "", "| attack | defense | task | status | reason | count |",
+             "|---|---|---|---|---|---|"]
+    grouped = bad.groupby(["attack", "defense", "task", "status", "reason"]).size().reset_index(name="n")
+    for _, r in grouped.iterrows():
+        reason = str(r["reason"]).replace("|", "/")[:160]
+        lines.append(f"| {r['attack']} | {r['defense']} | {r['task']} | {r['status']} | {reason} | {r['n']} |")
+    return lines + [""]

@@ -1,0 +1,253 @@
+"""Study files (TOML) and their expansion into trials.
+
+A study is a grid: tasks × attacks × defenses × strengths × batch sizes × seeds.
+Each plugin table is named by ``name = "…"``; in a plugin's table a list value
+is a sweep (for a parameter whose own type is a list, a list of lists is).
+Study files are data: they are parsed, never executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+from defenda.errors import DefendaError, ParamError, StudyError
+from defenda.interfaces import KNOWLEDGE_FLAGS
+from defenda.params import as_dict, build_params, describe, strength_param
+from defenda.registry import Registry
+
+#: the [study] table: key -> (type check, description, default)
+STUDY_KEYS: dict[str, tuple[type | tuple[type, ...], str, Any]] = {
+    "name": (str, "a string", "study"),
+    "seeds": (list, "a non-empty list of integers", [0]),
+    "batch_sizes": (list, "a non-empty list of positive integers", [1]),
+    "rounds": (int, "a non-negative integer (FL rounds of utility training)", 100),
+    "client_batch_size": (int, "a positive integer (batch size of utility training)", 32),
+    "lr": ((int, float), "a positive number (client/server learning rate)", 0.1),
+    "update": (str, "'gradient' (FedSGD) or 'delta' (FedAvg)", "gradient"),
+    "local_steps": (int, "a positive integer (FedAvg local steps)", 1),
+    "server": (str, "'honest' or 'malicious' (a malicious server may choose the model's weights)", "honest"),
+    "knowledge": (list, f"a list of knowledge flags from {list(KNOWLEDGE_FLAGS)}", ["batch_size"]),
+    "delta": ((int, float), "the DP δ (0 = 1/len(train split))", 0.0),
+    "timeout": ((int, float), "seconds one trial may run (0 = no limit)", 0),
+    "save_reconstructions": (bool, "true or false", True),
+}
+
+PLUGIN_SECTIONS = {"task": "task", "tasks": "task", "attacks": "attack", "defenses": "defense"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginConfig:
+    """One concrete plugin configuration: a registered name and a full parameter dict."""
+
+    kind: str
+    name: str
+    params: dict[str, Any]
+    strength: float | None = None
+
+    def label(self) -> str:
+        return self.name if self.strength is None else f"{self.name}@{self.strength:g}"
+
+
+@dataclasses.dataclass
+class Study:
+    """A parsed, validated study: settings plus the plugin configurations to cross."""
+
+    settings: dict[str, Any]
+    tasks: list[PluginConfig]
+    attacks: list[PluginConfig]
+    defenses: list[PluginConfig]
+    source: str = "<dict>"
+
+    @property
+    def name(self) -> str:
+        return str(self.settings["name"])
+
+    def trials(self) -> list[dict[str, Any]]:
+        """Every cell of the grid as a JSON-friendly trial spec with a stable ``key``."""
+        s = self.settings
+        out = []
+        for task, attack, defense, bs, seed in itertools.product(
+            self.tasks, self.attacks, self.defenses, s["batch_sizes"], s["seeds"]
+        ):
+            out.append(make_trial(s, task, attack, defense, bs, seed))
+        return out
+
+
+def _stable_hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_trial(s: dict[str, Any], task: PluginConfig, attack: PluginConfig, defense: PluginConfig,
+               batch_size: int, seed: int) -> dict[str, Any]:
+    fl = {k: s[k] for k in ("rounds", "client_batch_size", "lr", "update", "local_steps", "delta")}
+    utility = {"task": task.name, "task_params": task.params, "defense": defense.name,
+               "defense_params": defense.params, "seed": seed, **fl}
+    trial = {
+        "study": s["name"],
+        "task": task.name, "task_params": task.params,
+        "attack": attack.name, "attack_params": attack.params,
+        "defense": defense.name, "defense_params": defense.params, "strength": defense.strength,
+        "batch_size": batch_size, "seed": seed,
+        "server": s["server"], "knowledge": sorted(s["knowledge"]),
+        **fl,
+        "timeout": s["timeout"], "save_reconstructions": s["save_reconstructions"],
+    }
+    ident = {k: v for k, v in trial.items() if k not in ("study", "timeout", "save_reconstructions")}
+    trial["key"] = _stable_hash(ident)
+    trial["utility_key"] = _stable_hash(utility)
+    trial["utility"] = utility
+    return trial
+
+
+def load_study(path: str | Path, registry: Registry) -> Study:
+    """Read and validate a TOML study file; errors name the file and the key."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StudyError(f"{p}: study file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StudyError(f"{p}: cannot read study file: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyError(f"{p}: not valid TOML: {exc}") from None
+    return parse_study(raw, registry, source=str(p))
+
+
+def parse_study(raw: Any, registry: Registry, source: str = "<dict>") -> Study:
+    """Validate a study given as a dict (the parsed TOML)."""
+    try:
+        return _parse(raw, registry, source)
+    except StudyError:
+        raise
+    except DefendaError as exc:
+        raise StudyError(f"{source}: {exc}") from None
+
+
+def _fail(source: str, where: str, what: str) -> StudyError:
+    return StudyError(f"{source}: {where}: {what}")
+
+
+def _parse(raw: Any, registry: Registry, source: str) -> Study:
+    if not isinstance(raw, dict):
+        raise _fail(source, "top level", "a study must be a table with [study], [task], [[attacks]], [[defenses]]")
+    allowed = {"study", *PLUGIN_SECTIONS}
+    for key in raw:
+        if key not in allowed:
+            raise _fail(source, f"[{key}]", f"unknown section; allowed: [study], [task] (or [[tasks]]), "
+                                            f"[[attacks]], [[defenses]]")
+    if "task" in raw and "tasks" in raw:
+        raise _fail(source, "[task]", "give either [task] or [[tasks]], not both")
+    settings = _parse_settings(raw.get("study", {}), source)
+    task_tables = raw.get("tasks", [raw["task"]] if "task" in raw else None)
+    if task_tables is None:
+        raise _fail(source, "[task]", "missing; add e.g. [task] name = \"digits\"")
+    tasks = _parse_plugin_tables(task_tables, "tasks", "task", registry, source)
+    attacks = _parse_plugin_tables(raw.get("attacks"), "attacks", "attack", registry, source)
+    defenses = _parse_plugin_tables(raw.get("defenses", [{"name": "none"}]), "defenses", "defense", registry, source)
+    return Study(settings, tasks, attacks, defenses, source)
+
+
+def _parse_settings(table: Any, source: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise _fail(source, "[study]", "must be a table")
+    out = {}
+    for key, value in table.items():
+        if key not in STUDY_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(STUDY_KEYS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise _fail(source, f"[study] key '{key}'", f"unknown key{hint}; allowed: {', '.join(STUDY_KEYS)}")
+        out[key] = value
+    settings = {k: out.get(k, default) for k, (_, _, default) in STUDY_KEYS.items()}
+    for key, (tp, desc, _) in STUDY_KEYS.items():
+        value = settings[key]
+        if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
+            raise _fail(source, f"[study] key '{key}'", f"expected {desc}, got {value!r}")
+    _check_int_list(settings, "seeds", source, minimum=0)
+    _check_int_list(settings, "batch_sizes", source, minimum=1)
+    checks = [
+        ("rounds", settings["rounds"] >= 0), ("client_batch_size", settings["client_batch_size"] >= 1),
+        ("lr", settings["lr"] > 0), ("local_steps", settings["local_steps"] >= 1),
+        ("update", settings["update"] in ("gradient", "delta")),
+        ("server", settings["server"] in ("honest", "malicious")),
+        ("delta", 0 <= settings["delta"] < 1), ("timeout", settings["timeout"] >= 0),
+        ("knowledge", all(f in KNOWLEDGE_FLAGS for f in settings["knowledge"])),
+    ]
+    for key, ok in checks:
+        if not ok:
+            raise _fail(source, f"[study] key '{key}'", f"expected {STUDY_KEYS[key][1]}, got {settings[key]!r}")
+    settings["lr"] = float(settings["lr"])
+    return settings
+
+
+def _check_int_list(settings: dict[str, Any], key: str, source: str, minimum: int) -> None:
+    value = settings[key]
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value):
+        raise _fail(source, f"[study] key '{key}'", f"expected {STUDY_KEYS[key][1]}, got {value!r}")
+    if len(set(value)) != len(value):
+        raise _fail(source, f"[study] key '{key}'", f"has duplicates: {value!r}")
+
+
+def _parse_plugin_tables(tables: Any, section: str, kind: str, registry: Registry, source: str) -> list[PluginConfig]:
+    header = f"[[{section}]]" if section != "tasks" else "[task]"
+    if tables is None:
+        raise _fail(source, header, f"missing; add at least one {header} table with name = \"…\" "
+                                    f"(see `defenda {kind}s`)" if kind != "task" else "missing")
+    if not isinstance(tables, list) or not tables:
+        raise _fail(source, header, "must be a non-empty array of tables")
+    configs: list[PluginConfig] = []
+    for i, table in enumerate(tables, start=1):
+        where = f"{header} #{i}"
+        if not isinstance(table, dict):
+            raise _fail(source, where, "must be a table")
+        name = table.get("name")
+        if not isinstance(name, str):
+            raise _fail(source, where, f"needs name = \"…\"; registered {kind}s: {', '.join(registry.names(kind))}")
+        try:
+            cls = registry.get(kind, name).cls
+            configs.extend(_expand(cls, kind, name, {k: v for k, v in table.items() if k != "name"}))
+        except (ParamError, DefendaError) as exc:
+            raise _fail(source, f"{where} ('{name}')", str(exc)) from None
+    return configs
+
+
+def _is_tuple_param(tp: Any) -> bool:
+    return typing.get_origin(tp) is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(tp))
+
+
+def _expand(cls: type, kind: str, name: str, values: dict[str, Any]) -> list[PluginConfig]:
+    """All parameter combinations of one plugin table (list values are sweeps)."""
+    infos = {p.name: p for p in describe(cls.Params)}
+    strength = strength_param(cls.Params) if kind == "defense" else None
+    if strength is not None and strength.name not in values and getattr(cls, "default_sweep", ()):
+        values = {**values, strength.name: list(cls.default_sweep)}
+    axes: dict[str, list[Any]] = {}
+    for key, value in values.items():
+        info = infos.get(key)
+        is_sweep = isinstance(value, list) and (info is None or not _is_tuple_param(info.type)
+                                                or (value and isinstance(value[0], list)))
+        if is_sweep and not value:
+            raise ParamError(f"parameter '{key}' is an empty sweep; give at least one value")
+        axes[key] = value if is_sweep else [value]
+    configs = []
+    keys = list(axes)
+    for combo in itertools.product(*axes.values()) if keys else [()]:
+        params = build_params(cls.Params, dict(zip(keys, combo)), f"{kind} '{name}'")
+        level = getattr(params, strength.name) if strength is not None else None
+        configs.append(PluginConfig(kind, name, as_dict(params), float(level) if level is not None else None))
+    return configs
+
+
+def default_study_path() -> Path:
+    """The built-in default study shipped with the package."""
+    return Path(__file__).parent / "studies" / "default.toml"
