@@ -95,7 +95,10 @@ def _strict() -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
+    msg = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if isinstance(exc, pluggy.PluginValidationError) and len(msg) > 1:
+        # pluggy puts the reason (e.g. "Argument(s) {'device'} ...") on the last line
+        return f"{msg[0]}: {msg[-1]}"
     return f"{type(exc).__name__}: {msg[0] if msg else ''}".rstrip(": ")
 
 
@@ -261,3 +264,14 @@ def get_plugins(*, reload: bool = False) -> Plugins:
     if _CACHED is None or reload:
         _CACHED = load_plugins()
     return _CACHED
+
+
+def set_plugins(plugins: Plugins | None) -> Plugins | None:
+    """Make ``plugins`` the process-wide set (None: reload on next use); returns the previous one.
+
+    The runner does this for in-process execution so that plugins registered with
+    ``load_plugins(extra=...)`` (tests, notebooks) are the ones trials use.
+    """
+    global _CACHED
+    previous, _CACHED = _CACHED, plugins
+    return previous

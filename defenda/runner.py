@@ -16,7 +16,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from defenda.plugins import Plugins, get_plugins
+from defenda.plugins import Plugins, get_plugins, set_plugins
 from defenda.store import Store
 from defenda.study import Study
 
@@ -128,6 +128,8 @@ def run_study(
     from defenda.trial import run_trial, run_utility
 
     plugins = plugins or get_plugins()
+    if executor == "local" and workers == 1:
+        set_plugins(plugins)  # in-process trials use exactly these plugins
     trials = study.trials()
     counts = {"ok": 0, "error": 0, "skipped": 0, "resumed": 0}
     with Store(out_dir) as store:

@@ -119,7 +119,8 @@ def score(plugins: Plugins, x: torch.Tensor, y: torch.Tensor, recon: Reconstruct
     from defenda.metrics import apply_matching
 
     xm, ym, rm = apply_matching(x.cpu(), y.cpu(), Reconstruction(recon.inputs.detach().cpu(),
-                                None if recon.labels is None else recon.labels.detach().cpu(), recon.info))
+                                None if recon.labels is None else recon.labels.detach().cpu(), recon.info),
+                                data=data)
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for entry in plugins.registry.entries("metric"):
@@ -129,7 +130,8 @@ def score(plugins: Plugins, x: torch.Tensor, y: torch.Tensor, recon: Reconstruct
         out = _in_plugin(entry.origin.plugin, metric.compute, xm, ym, rm, data)
         for col, val in out.items():
             (values if col in METRIC_COLUMNS else extra)[col] = None if val is None else float(val)
-    extra["matched"] = int(len(xm))
+    extra["matched_fraction"] = rm.info.get("matched_fraction")
+    extra["num_reconstructed"] = rm.info.get("num_reconstructed")
     return values, extra, rm, xm, ym
 
 

@@ -1,0 +1,86 @@
+"""Study files: parsing, sweeps, grid expansion, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_STUDY
+from defenda.errors import StudyError
+from defenda.plugins import load_plugins
+from defenda.study import default_study_path, load_study, parse_study
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_plugins().registry
+
+
+def test_default_study_parses(registry) -> None:
+    study = load_study(default_study_path(), registry)
+    assert study.name == "default"
+    trials = study.trials()
+    n_def = sum(1 for _ in study.defenses)
+    assert len(trials) == len(study.tasks) * len(study.attacks) * n_def * len(study.settings["batch_sizes"]) \
+        * len(study.settings["seeds"])
+    assert len({t["key"] for t in trials}) == len(trials)
+
+
+def test_list_values_are_sweeps_and_keys_are_stable(registry) -> None:
+    study = parse_study(copy.deepcopy(TINY_STUDY), registry)
+    assert [d.label() for d in study.defenses] == ["none", "gaussian-noise@0.01", "gaussian-noise@0.1"]
+    trials = study.trials()
+    assert len(trials) == 3 * 2
+    again = parse_study(copy.deepcopy(TINY_STUDY), registry).trials()
+    assert [t["key"] for t in trials] == [t["key"] for t in again]
+    # utility does not depend on the attack: same key for the same (task, defense, strength, seed)
+    raw = copy.deepcopy(TINY_STUDY)
+    raw["attacks"].append({"name": "geiping", "iterations": 20})
+    two = parse_study(raw, registry).trials()
+    assert len({t["utility_key"] for t in two}) == len({t["utility_key"] for t in trials}) == 6
+
+
+def test_defense_without_strength_uses_default_sweep(registry) -> None:
+    raw = copy.deepcopy(TINY_STUDY)
+    raw["defenses"] = [{"name": "gaussian-noise"}]
+    study = parse_study(raw, registry)
+    cls = registry.get("defense", "gaussian-noise").cls
+    assert [d.strength for d in study.defenses] == list(cls.default_sweep)
+
+
+def _error(registry, mutate) -> str:
+    raw = copy.deepcopy(TINY_STUDY)
+    mutate(raw)
+    with pytest.raises(StudyError) as info:
+        parse_study(raw, registry, source="s.toml")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("s.toml: ")
+    return msg
+
+
+def test_bad_studies_give_one_line_errors(registry) -> None:
+    assert "[study] key 'sedes'" in _error(registry, lambda r: r["study"].update(sedes=[1]))
+    assert "did you mean 'seeds'" in _error(registry, lambda r: r["study"].update(sedes=[1]))
+    assert "non-empty list of integers" in _error(registry, lambda r: r["study"].update(seeds=[]))
+    assert "positive integers" in _error(registry, lambda r: r["study"].update(batch_sizes=[0]))
+    assert "'gradient' (FedSGD)" in _error(registry, lambda r: r["study"].update(update="sgd"))
+    assert "Did you mean 'geiping'" in _error(registry, lambda r: r["attacks"][0].update(name="geipin"))
+    msg = _error(registry, lambda r: r["attacks"][0].update(iteration=5))
+    assert "[[attacks]] #1 ('geiping')" in msg and "Valid parameters:" in msg
+    assert "empty sweep" in _error(registry, lambda r: r["defenses"][1].update(std=[]))
+    assert "std and clip must be >= 0" in _error(registry, lambda r: r["defenses"][1].update(std=[-1.0]))
+    assert "must be a number" in _error(registry, lambda r: r["defenses"][1].update(std="high"))
+    assert "needs name" in _error(registry, lambda r: r["attacks"][0].pop("name"))
+    assert "[[attacks]]: missing" in _error(registry, lambda r: r.pop("attacks"))
+    assert "unknown section" in _error(registry, lambda r: r.update(attack={"name": "x"}))
+
+
+def test_malformed_toml_names_the_file(tmp_path: Path, registry) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[study\nname = 1")
+    with pytest.raises(StudyError, match=r"bad.toml: not valid TOML"):
+        load_study(bad, registry)
+    with pytest.raises(StudyError, match="study file not found"):
+        load_study(tmp_path / "missing.toml", registry)
