@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from defenda.compose import component_names, is_composed
 from defenda.errors import DefendaError, ParamError, StudyError
 from defenda.interfaces import KNOWLEDGE_FLAGS
 from defenda.params import as_dict, build_params, describe, strength_param
@@ -213,9 +214,12 @@ def _parse_plugin_tables(tables: Any, section: str, kind: str, registry: Registr
         name = table.get("name")
         if not isinstance(name, str):
             raise _fail(source, where, f"needs name = \"…\"; registered {kind}s: {', '.join(registry.names(kind))}")
+        rest = {k: v for k, v in table.items() if k != "name"}
         try:
-            cls = registry.get(kind, name).cls
-            configs.extend(_expand(cls, kind, name, {k: v for k, v in table.items() if k != "name"}))
+            if kind == "defense" and is_composed(name):
+                configs.extend(_expand_composed(registry, name, rest))
+            else:
+                configs.extend(_expand(registry.get(kind, name).cls, kind, name, rest))
         except (ParamError, DefendaError) as exc:
             raise _fail(source, f"{where} ('{name}')", str(exc)) from None
     return configs
@@ -245,6 +249,25 @@ def _expand(cls: type, kind: str, name: str, values: dict[str, Any]) -> list[Plu
         params = build_params(cls.Params, dict(zip(keys, combo)), f"{kind} '{name}'")
         level = getattr(params, strength.name) if strength is not None else None
         configs.append(PluginConfig(kind, name, as_dict(params), float(level) if level is not None else None))
+    return configs
+
+
+def _expand_composed(registry: Registry, name: str, tables: dict[str, Any]) -> list[PluginConfig]:
+    """Configurations of a composed defense: the product of its components' sweeps.
+
+    The cell's strength is that of the last component declaring one.
+    """
+    parts = component_names(name)
+    for key, value in tables.items():
+        if key not in parts or not isinstance(value, dict):
+            raise ParamError(f"in a composed defense, give each component's parameters as an inline table "
+                             f"named after it, e.g. {parts[0]} = {{ ... }}; got key '{key}'")
+    per_part = [_expand(registry.get("defense", p).cls, "defense", p, tables.get(p, {})) for p in parts]
+    configs = []
+    for combo in itertools.product(*per_part):
+        strengths = [c.strength for c in combo if c.strength is not None]
+        configs.append(PluginConfig("defense", name, {c.name: c.params for c in combo},
+                                    strengths[-1] if strengths else None))
     return configs
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from defenda.compose import component_names, make_defense
 from defenda.errors import UnsupportedError
 from defenda.interfaces import Attack, Defense, Knowledge, Reconstruction, Task, TaskData
 from defenda.plugins import Plugins, get_plugins
@@ -50,6 +51,11 @@ def load_task(plugins: Plugins, name: str, params: dict[str, Any]) -> tuple[Task
         task = plugins.registry.get("task", name).cls(params)
         _TASKS[key] = (task, task.load())
     return _TASKS[key]
+
+
+def defense_plugin(registry: Any, name: str) -> str:
+    """The plugin(s) behind a (possibly composed) defense, for error rows."""
+    return "+".join(sorted({registry.get("defense", n).origin.plugin for n in component_names(name)}))
 
 
 def _now() -> str:
@@ -169,9 +175,10 @@ def _attack_trial(plugins: Plugins, trial: dict[str, Any],
     reg = plugins.registry
     task_entry = reg.get("task", trial["task"])
     task, data = _in_plugin(task_entry.origin.plugin, load_task, plugins, trial["task"], trial["task_params"])
-    a_entry, d_entry = reg.get("attack", trial["attack"]), reg.get("defense", trial["defense"])
+    a_entry = reg.get("attack", trial["attack"])
     attack: Attack = a_entry.cls(trial["attack_params"])
-    defense: Defense = d_entry.cls(trial["defense_params"])
+    defense: Defense = make_defense(reg, trial["defense"], trial["defense_params"])
+    d_plugin = defense_plugin(reg, trial["defense"])
     reason = skip_reason(attack, trial, data)
     if reason:
         raise UnsupportedError(f"{trial['attack']}: {reason}")
@@ -181,7 +188,7 @@ def _attack_trial(plugins: Plugins, trial: dict[str, Any],
     if attack.requires.server == "malicious":
         model = _in_plugin(a_entry.origin.plugin, attack.prepare_model, model, data)
     model = model.to(device)
-    size = _in_plugin(d_entry.origin.plugin, defense.client_batch_size, trial["batch_size"])
+    size = _in_plugin(d_plugin, defense.client_batch_size, trial["batch_size"])
     x, y, gen = _sample_batch(data, size, trial["seed"])
     x, y = x.to(device), y.to(device)
     knowledge = _knowledge(trial, data, y, device)
@@ -190,7 +197,7 @@ def _attack_trial(plugins: Plugins, trial: dict[str, Any],
         raise UnsupportedError(f"{trial['attack']}: {why}")
 
     model.train()
-    update = _in_plugin(d_entry.origin.plugin, defense.client_update, model, x, y, kind=trial["update"],
+    update = _in_plugin(d_plugin, defense.client_update, model, x, y, kind=trial["update"],
                         local_steps=trial["local_steps"], lr=trial["lr"], generator=gen)
     _check_update(update, model, trial["defense"])
     model.eval()

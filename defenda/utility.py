@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from defenda.client import apply_update
+from defenda.compose import make_defense
 from defenda.interfaces import TaskData
 from defenda.plugins import Plugins
 
@@ -34,7 +35,7 @@ def measure_utility(plugins: Plugins, job: dict[str, Any], device: torch.device)
     from defenda.trial import load_task
 
     task, data = load_task(plugins, job["task"], job["task_params"])
-    defense = plugins.registry.get("defense", job["defense"]).cls(job["defense_params"])
+    defense = make_defense(plugins.registry, job["defense"], job["defense_params"])
     torch.manual_seed(job["seed"])
     model = task.build_model(data).to(device)
     x_train, y_train = data.train

@@ -179,3 +179,24 @@ def test_report_has_tradeoff_and_grids(tmp_path: Path) -> None:
 
     csv = pd.read_csv(index.parent / "results.csv")
     assert len(csv) == 6 and {"psnr", "test_acc", "epsilon", "strength"} <= set(csv.columns)
+
+
+def test_composed_defense_chains_transforms() -> None:
+    from defenda.client import compute_update
+    from defenda.compose import make_defense
+    from defenda.models import SmallCNN
+
+    registry = load_plugins().registry
+    model = SmallCNN(1, 8, 10)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    honest = compute_update(model, x, y)
+    from defenda.errors import ParamError
+
+    with pytest.raises(ParamError, match="distinct defenses"):
+        make_defense(registry, "gaussian-noise+gaussian-noise", {})
+    # clip the update to norm 1e-3 (no noise), then the no-op stage
+    composed = make_defense(registry, "gaussian-noise+none", {"gaussian-noise": {"std": 0.0, "clip": 1e-3}})
+    out = composed.client_update(model, x, y, generator=torch.Generator().manual_seed(0))
+    norm = torch.sqrt(sum((t ** 2).sum() for t in out.tensors))
+    assert abs(float(norm) - 1e-3) < 1e-6
+    assert torch.sqrt(sum((t ** 2).sum() for t in honest.tensors)) > 1e-2

@@ -84,3 +84,19 @@ def test_malformed_toml_names_the_file(tmp_path: Path, registry) -> None:
         load_study(bad, registry)
     with pytest.raises(StudyError, match="study file not found"):
         load_study(tmp_path / "missing.toml", registry)
+
+
+def test_composed_defense_expands_the_product_of_sweeps(registry) -> None:
+    raw = copy.deepcopy(TINY_STUDY)
+    raw["defenses"] = [{"name": "none+gaussian-noise", "gaussian-noise": {"std": [0.01, 0.1], "clip": [0.0, 1.0]}}]
+    study = parse_study(raw, registry)
+    assert len(study.defenses) == 4
+    assert {d.strength for d in study.defenses} == {0.01, 0.1}
+    assert study.defenses[0].params == {"none": {}, "gaussian-noise": {"std": 0.01, "clip": 0.0}}
+    bad = copy.deepcopy(TINY_STUDY)
+    bad["defenses"] = [{"name": "none+gaussian-noise", "std": 0.1}]
+    with pytest.raises(StudyError, match="inline table named after it"):
+        parse_study(bad, registry)
+    bad["defenses"] = [{"name": "none+none"}]
+    with pytest.raises(StudyError, match="distinct defenses"):
+        parse_study(bad, registry)

@@ -1,0 +1,80 @@
+"""Composed defenses: ``name = "prune+gaussian-noise"`` in a study is one defense cell.
+
+The first defense computes the update (it may be DP-SGD, which computes its
+own); each later one post-processes it with ``transform``. ε comes from the
+component that has one (post-processing does not change a DP guarantee).
+A study gives each component's parameters as an inline table::
+
+    [[defenses]]
+    name = "prune+gaussian-noise"
+    prune = { fraction = 0.9 }
+    gaussian-noise = { std = [0.01, 0.1] }     # a list is a sweep, as anywhere
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from defenda.errors import ParamError
+from defenda.interfaces import Defense, SharedUpdate, UpdateKind
+from defenda.registry import Registry
+
+SEPARATOR = "+"
+
+
+def is_composed(name: str) -> bool:
+    return SEPARATOR in name
+
+
+def component_names(name: str) -> list[str]:
+    parts = [p.strip() for p in name.split(SEPARATOR)]
+    if any(not p for p in parts) or len(set(parts)) != len(parts):
+        raise ParamError(f"defense '{name}': a composition names distinct defenses joined by '+', "
+                         f"e.g. 'prune+gaussian-noise'")
+    return parts
+
+
+class ComposedDefense(Defense):
+    """A chain of defenses applied in order (built by the harness, not registered)."""
+
+    name = "composed"
+
+    def __init__(self, parts: list[Defense]) -> None:
+        self.parts = parts
+        self.params = {p.name: p.params for p in parts}
+        for later in parts[1:]:
+            if type(later).client_update is not Defense.client_update:
+                raise ParamError(f"defense '{later.name}' computes its own update, so it must come first "
+                                 f"in a composition")
+
+    def client_update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, kind: UpdateKind = "gradient",
+                      local_steps: int = 1, lr: float = 0.1,
+                      generator: torch.Generator | None = None) -> SharedUpdate:
+        update = self.parts[0].client_update(model, x, y, kind=kind, local_steps=local_steps, lr=lr,
+                                             generator=generator)
+        for part in self.parts[1:]:
+            update = part.transform(update, generator)
+        return update
+
+    def client_batch_size(self, requested: int) -> int:
+        for part in self.parts:
+            requested = part.client_batch_size(requested)
+        return requested
+
+    def epsilon(self, *, steps: int, sample_rate: float, delta: float) -> float | None:
+        for part in self.parts:
+            eps = part.epsilon(steps=steps, sample_rate=sample_rate, delta=delta)
+            if eps is not None:
+                return eps
+        return None
+
+
+def make_defense(registry: Registry, name: str, params: dict[str, Any]) -> Defense:
+    """The defense for a trial: a registered one, or a composition of registered ones."""
+    if not is_composed(name):
+        return registry.get("defense", name).cls(params)
+    parts = [registry.get("defense", n).cls(params.get(n, {})) for n in component_names(name)]
+    return ComposedDefense(parts)

@@ -1,0 +1,248 @@
+"""Shared tools for optimisation-based gradient inversion (Geiping, GIAS, GIML).
+
+One implementation of each piece, so that attacks differ only in what they
+optimise (pixels, latents, generator weights):
+
+* :func:`gradient_matching_loss` — 1 − global cosine over all parameter tensors
+  (Geiping et al. 2020, §3 of the attack notes), optionally on the kept
+  coordinates of a pruned update only (GIAS ``sim_cmpr``), or squared L2 (DLG).
+* :func:`total_variation` — anisotropic TV, means of absolute differences.
+* :func:`parameter_gradients` / :func:`simulate_delta` / :func:`predicted_update`
+  — the update a candidate batch would produce, differentiable in the inputs
+  (FedSGD gradient, or FedAvg delta by unrolling the client's SGD steps).
+* :func:`recover_labels` / :func:`estimate_batch_size` — analytic label and
+  batch-size inference from the last linear layer (iDLG; Wainakh et al.'s
+  bias-corrected count for batches).
+* :func:`multistep_schedule` — MultiStepLR at 3/8, 5/8, 7/8 of the run, γ = 0.1.
+
+Tensors are in model space; shared updates follow :class:`defenda.interfaces.SharedUpdate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from defenda.client import loss_fn
+
+if TYPE_CHECKING:
+    from defenda.interfaces import SharedUpdate
+
+Cost = Literal["cosine", "l2"]
+
+# --------------------------------------------------------------------------- objectives
+
+
+def gradient_matching_loss(
+    pred_grads: Sequence[torch.Tensor],
+    observed: Sequence[torch.Tensor],
+    *,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    cost: Cost = "cosine",
+) -> torch.Tensor:
+    """Distance between a candidate's update and the observed one.
+
+    ``"cosine"``: ``1 − ⟨p, g⟩ / (‖p‖·‖g‖)`` with ``p`` and ``g`` all tensors
+    concatenated (one global cosine, not a per-layer mean); ``"l2"``:
+    ``Σ_l ‖p_l − g_l‖²`` (DLG).
+
+    :param pred_grads: the candidate's tensors (differentiable), one per parameter.
+    :param observed: the shared tensors, same shapes.
+    :param masks: optional per-tensor 0/1 masks (or None entries) multiplying both
+        sides, so only kept coordinates are compared (pruned updates).
+    :returns: a scalar tensor (0 for identical directions under ``"cosine"``).
+    """
+    if len(pred_grads) != len(observed):
+        raise ValueError(f"{len(pred_grads)} predicted tensors but {len(observed)} observed")
+    if masks is not None:
+        pred_grads = [p if m is None else p * m for p, m in zip(pred_grads, masks)]
+        observed = [g if m is None else g * m for g, m in zip(observed, masks)]
+    if cost == "l2":
+        return sum(((p - g) ** 2).sum() for p, g in zip(pred_grads, observed))
+    if cost != "cosine":
+        raise ValueError(f"unknown cost {cost!r}; use 'cosine' or 'l2'")
+    dot = sum((p * g).sum() for p, g in zip(pred_grads, observed))
+    pnorm = sum(p.pow(2).sum() for p in pred_grads)
+    gnorm = sum(g.pow(2).sum() for g in observed)
+    return 1 - dot / (pnorm.sqrt() * gnorm.sqrt()).clamp_min(1e-12)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic TV of images ``(..., H, W)``: ``mean|Δ_W x| + mean|Δ_H x|``."""
+    dw = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    dh = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return dw + dh
+
+
+def pruning_masks(observed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The kept coordinates of a pruned update: 1 where the shared value is non-zero."""
+    return [(g != 0).to(g.dtype) for g in observed]
+
+
+# --------------------------------------------------------------------------- candidate updates
+
+
+def _params(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """Parameter names and detached, grad-requiring copies (so model.grad is never touched)."""
+    named = list(model.named_parameters())
+    return [n for n, _ in named], [p.detach().requires_grad_(True) for _, p in named]
+
+
+def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def parameter_gradients(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool = True
+) -> list[torch.Tensor]:
+    """Gradient of the clients' mean cross-entropy on ``(x, y)``, one tensor per parameter.
+
+    Differentiable with respect to ``x`` when ``create_graph`` (double backprop).
+    ``y`` is ``(B,)`` class indices or ``(B, K)`` soft targets.
+    """
+    names, params = _params(model)
+    logits = functional_call(model, dict(zip(names, params)), (x,))
+    return _grads(loss_fn(logits, y), params, create_graph)
+
+
+def simulate_delta(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, local_steps: int, lr: float, create_graph: bool = True
+) -> list[torch.Tensor]:
+    """FedAvg client, unrolled: ``θ_after − θ_before`` after ``local_steps`` full-batch SGD steps.
+
+    Mirrors :func:`defenda.client.weight_delta`, but differentiable in ``x``.
+    """
+    names, params = _params(model)
+    current = list(params)
+    for _ in range(max(1, local_steps)):
+        logits = functional_call(model, dict(zip(names, current)), (x,))
+        grads = _grads(loss_fn(logits, y), current, create_graph)
+        current = [p - lr * g for p, g in zip(current, grads)]
+    return [c - p for c, p in zip(current, params)]
+
+
+def predicted_update(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    update: SharedUpdate,
+    *,
+    lr: float | None = None,
+    create_graph: bool = True,
+) -> list[torch.Tensor]:
+    """What the client would share for the candidate ``(x, y)``, in the form of ``update``.
+
+    A gradient for ``kind == "gradient"``; for ``"delta"``, the unrolled FedAvg delta
+    with ``update.local_steps`` steps at ``lr`` (default ``update.lr``, else 0.1).
+    One local step is matched as a negated gradient (same cosine, cheaper).
+    """
+    if update.kind == "gradient":
+        return parameter_gradients(model, x, y, create_graph)
+    if update.kind != "delta":
+        raise ValueError(f"unknown update kind {update.kind!r}")
+    step = lr if lr is not None else (update.lr if update.lr is not None else 0.1)
+    if update.local_steps <= 1:
+        return [-step * g for g in parameter_gradients(model, x, y, create_graph)]
+    return simulate_delta(model, x, y, local_steps=update.local_steps, lr=step, create_graph=create_graph)
+
+
+# --------------------------------------------------------------------------- labels and batch size
+
+
+def last_linear(update: SharedUpdate, model: nn.Module | None = None, num_classes: int | None = None) -> tuple[
+    torch.Tensor, torch.Tensor | None
+]:
+    """The last ``nn.Linear``'s (weight, bias) entries of ``update``, as *gradient-like* tensors.
+
+    Found by name from ``model``'s modules when given; otherwise the last 2-D
+    ``*.weight`` tensor with ``num_classes`` rows. A FedAvg delta is negated
+    (``Δ ≈ −lr·Σ∇``) so that signs read as for a gradient.
+    """
+    named = update.named()
+    weight_name = None
+    if model is not None:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if linears:
+            prefix = linears[-1] + "." if linears[-1] else ""
+            weight_name = prefix + "weight"
+    if weight_name is None or weight_name not in named:
+        cands = [n for n in update.names if n.endswith("weight") and named[n].dim() == 2]
+        if num_classes is not None:
+            cands = [n for n in cands if named[n].shape[0] == num_classes] or cands
+        if not cands:
+            raise ValueError("the update has no 2-D weight tensor; cannot locate the last linear layer")
+        weight_name = cands[-1]
+    bias_name = weight_name[: -len("weight")] + "bias"
+    sign = -1.0 if update.kind == "delta" else 1.0
+    weight = sign * named[weight_name].detach()
+    bias = sign * named[bias_name].detach() if bias_name in named else None
+    return weight, bias
+
+
+def estimate_batch_size(update: SharedUpdate, model: nn.Module | None = None, num_classes: int | None = None) -> int:
+    """B̂ = the number of negative entries of the last-layer bias gradient (at least 1).
+
+    For the mean cross-entropy, the bias gradient of class c is ``mean_i p_ic − n_c/B``,
+    negative (in practice) exactly for the classes present in the batch; B̂ is thus
+    the number of *distinct* labels, a lower bound on B (exact for distinct labels).
+    Without a bias, the weight gradient's row sums are used (iDLG sign, ReLU features).
+    """
+    weight, bias = last_linear(update, model, num_classes)
+    signal = bias if bias is not None else weight.sum(dim=1)
+    return max(1, int((signal < 0).sum()))
+
+
+def recover_labels(
+    update: SharedUpdate, model: nn.Module | None, batch_size: int, num_classes: int | None = None
+) -> torch.Tensor:
+    """Labels of the batch, inferred from the last linear layer's gradient (sorted, ``(B,)`` long).
+
+    * ``B = 1``: iDLG (Zhao et al. 2020): ``argmin_c Σ_k ∂L/∂W[c, k]``; exact for
+      non-negative (post-ReLU) features.
+    * ``B > 1``: bias-corrected counting (Wainakh et al. 2022, breaching's
+      ``bias-corrected``): every class with a negative bias gradient first, then the
+      remaining slots by repeated argmin after adding back the estimated per-sample
+      impact ``m = Σ_{negative} ∂L/∂b / B`` to the chosen class. Without a bias, the
+      weight row sums play the bias' role (breaching's ``wainakh-simple``).
+    """
+    weight, bias = last_linear(update, model, num_classes)
+    rows = weight.sum(dim=1)
+    if batch_size <= 1:
+        return rows.argmin().reshape(1).cpu()
+    signal = (bias if bias is not None else rows).clone().double()
+    present = [c for c in signal.argsort().tolist() if signal[c] < 0][:batch_size]
+    impact = signal[present].sum() / batch_size if present else torch.zeros((), dtype=signal.dtype)
+    if impact >= 0:  # no class looks present (heavy noise): spread the slots over the lowest classes
+        impact = -signal.abs().max().clamp_min(1e-12)
+    labels = list(present)
+    signal[present] -= impact
+    while len(labels) < batch_size:
+        c = int(signal.argmin())
+        labels.append(c)
+        signal[c] -= impact
+    return torch.tensor(sorted(labels), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def multistep_schedule(
+    optimizer: torch.optim.Optimizer, iterations: int, gamma: float = 0.1
+) -> torch.optim.lr_scheduler.MultiStepLR:
+    """MultiStepLR with milestones ⌊3N/8⌋, ⌊5N/8⌋, ⌊7N/8⌋ (Geiping et al.'s schedule); step it once per iteration."""
+    milestones = sorted({max(1, (k * iterations) // 8) for k in (3, 5, 7)})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+
+
+def clamp_box(x: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Project ``x`` (in place, no grad) into the model-space box ``(lo, hi)``; no-op for None."""
+    if box is None:
+        return
+    lo, hi = box
+    with torch.no_grad():
+        x.copy_(torch.maximum(torch.minimum(x, hi.to(x)), lo.to(x)))
