@@ -163,3 +163,66 @@ def test_observer_hook_errors_do_not_stop(capsys) -> None:
     plugins.notify_trial_finished({"key": "k"}, {"status": "ok"})
     assert seen == ["ok"]
     assert "tracker down" in capsys.readouterr().err
+
+
+def test_third_party_metric_and_task_are_used_by_a_study(tmp_path) -> None:
+    """A plugin adds a metric (stored in the row's extra JSON) and a task; a study uses both."""
+    import json
+    import sqlite3
+    import types
+    from dataclasses import dataclass
+
+    from defenda import hookimpl, param
+    from defenda.interfaces import Metric, Task
+    from defenda.runner import run_study
+    from defenda.study import parse_study
+
+    class L1(Metric):
+        """Mean absolute error in model space."""
+
+        name = "l1"
+        columns = ("l1",)
+
+        def compute(self, x, y, recon, data):  # noqa: ANN001
+            return {"l1": float((x - recon.inputs).abs().mean())}
+
+    @dataclass(frozen=True)
+    class SmallParams:
+        samples: int = param(300, "how many digits to keep")
+
+    class SmallDigits(Task):
+        """The first N embedded digits."""
+
+        name = "small-digits"
+        Params = SmallParams
+
+        def load(self):  # noqa: ANN201
+            from defenda.data import load_digits_task
+
+            return load_digits_task(max_samples=self.params.samples)
+
+        def build_model(self, data):  # noqa: ANN001, ANN201
+            from defenda.models import SmallCNN
+
+            return SmallCNN(1, 8, data.num_classes)
+
+    mod = types.ModuleType("extras")
+
+    @hookimpl
+    def defenda_register_metrics(register):  # noqa: ANN001
+        register(L1)
+
+    @hookimpl
+    def defenda_register_tasks(register):  # noqa: ANN001
+        register(SmallDigits)
+
+    mod.defenda_register_metrics = defenda_register_metrics
+    mod.defenda_register_tasks = defenda_register_tasks
+    plugins = load_plugins(extra=[("extras", mod)])
+    assert plugins.status("extras").provides == {"metrics": ["l1"], "tasks": ["small-digits"]}
+    study = parse_study({"study": {"seeds": [0], "rounds": 1}, "task": {"name": "small-digits", "samples": 200},
+                         "attacks": [{"name": "geiping", "iterations": 3}]}, plugins.registry)
+    run_study(study, tmp_path, progress=False, plugins=plugins)
+    row = sqlite3.connect(tmp_path / "results.sqlite").execute("SELECT status, task, extra FROM trials").fetchone()
+    assert row[0] == "ok" and row[1] == "small-digits"
+    assert json.loads(row[2])["l1"] > 0
