@@ -185,16 +185,32 @@ def last_linear(update: SharedUpdate, model: nn.Module | None = None, num_classe
 
 
 def estimate_batch_size(update: SharedUpdate, model: nn.Module | None = None, num_classes: int | None = None) -> int:
-    """B̂ = the number of negative entries of the last-layer bias gradient (at least 1).
+    """An estimate B̂ ≥ 1 of the batch size from the last-layer bias gradient.
 
-    For the mean cross-entropy, the bias gradient of class c is ``mean_i p_ic − n_c/B``,
-    negative (in practice) exactly for the classes present in the batch; B̂ is thus
-    the number of *distinct* labels, a lower bound on B (exact for distinct labels).
-    Without a bias, the weight gradient's row sums are used (iDLG sign, ReLU features).
+    For the mean cross-entropy the bias gradient of class c is ``p̄_c − n_c/B``
+    (``p̄_c`` the batch-mean softmax output): negative, in practice, exactly for
+    the classes present. The count of negative entries (the number of distinct
+    labels, a lower bound on B) is refined when the entries are consistent with
+    a near-uniform ``p̄`` (a fresh model): with ``p̄`` estimated by the mean of the
+    non-negative entries, ``q_c = p̄ − g_c ∝ n_c``, and ``B̂ = round(Σq / min q)``
+    (exact when some label occurs once) is accepted only if every ``q_c·B̂/Σq`` is
+    within 0.25 of an integer. Scale-free, so it also reads FedAvg deltas. Without
+    a bias, only the count of negative weight-gradient row sums is used.
     """
     weight, bias = last_linear(update, model, num_classes)
-    signal = bias if bias is not None else weight.sum(dim=1)
-    return max(1, int((signal < 0).sum()))
+    signal = (bias if bias is not None else weight.sum(dim=1)).double()
+    neg = signal < 0
+    count = max(1, int(neg.sum()))
+    if bias is None or not neg.any() or neg.all():
+        return count
+    q = signal[~neg].mean() - signal[neg]
+    if float(q.min()) <= 0:
+        return count
+    est = round(float(q.sum() / q.min()))
+    counts = q * est / q.sum()
+    if est >= count and float((counts - counts.round()).abs().max()) <= 0.25:
+        return est
+    return count
 
 
 def recover_labels(
@@ -234,7 +250,7 @@ def recover_labels(
 def multistep_schedule(
     optimizer: torch.optim.Optimizer, iterations: int, gamma: float = 0.1
 ) -> torch.optim.lr_scheduler.MultiStepLR:
-    """MultiStepLR with milestones ⌊3N/8⌋, ⌊5N/8⌋, ⌊7N/8⌋ (Geiping et al.'s schedule); step it once per iteration."""
+    """MultiStepLR with milestones ⌊3N/8⌋, ⌊5N/8⌋, ⌊7N/8⌋ (Geiping et al.); step it once per iteration."""
     milestones = sorted({max(1, (k * iterations) // 8) for k in (3, 5, 7)})
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
 

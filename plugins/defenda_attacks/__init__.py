@@ -1,1 +1,17 @@
-"""Built-in attacks (a plugin package registered through the 'defenda' entry-point group)."""
+"""Built-in attacks, registered through the ``defenda`` entry-point group like any plugin.
+
+Attack modules import torch, so each is imported inside the hook.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from defenda import hookimpl
+
+
+@hookimpl
+def defenda_register_attacks(register: Callable[[type], None]) -> None:
+    from defenda_attacks.geiping import Geiping
+
+    register(Geiping)
