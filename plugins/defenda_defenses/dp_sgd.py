@@ -1,0 +1,383 @@
+"""``dp-sgd``: differentially private SGD through Opacus.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy") as
+implemented by Opacus (Yousefpour et al. 2021, "Opacus: User-Friendly
+Differential Privacy Library in PyTorch"): per-sample gradients are clipped to
+L2 norm ``max_grad_norm`` (C), summed, Gaussian noise N(0, (σ·C)²) is added to
+every coordinate and the sum is divided by the batch size. Nothing of that is
+re-implemented here: the client's model is wrapped in Opacus'
+``GradSampleModule`` and stepped by Opacus' ``DPOptimizer`` (flat clipping,
+``loss_reduction="mean"``, ``expected_batch_size = len(x)``), exactly what
+``PrivacyEngine.make_private(..., poisson_sampling=False)`` builds.
+
+What the server sees
+    ``kind="gradient"`` (FedSGD): the clipped, noised, averaged gradient Opacus
+    produced for the batch (``p.grad`` after ``DPOptimizer.pre_step``).
+    ``kind="delta"`` (FedAvg): ``θ_after − θ_before`` after ``local_steps``
+    DP-SGD steps (each re-clips and re-noises) on the client's batch.
+
+The caller's model is never touched: the defense works on a private deep copy
+(put in training mode — Opacus computes per-sample gradients only there),
+validated with Opacus' ``ModuleValidator`` and, when invalid, fixed by it
+(BatchNorm → GroupNorm; the replacement is named in ``meta['model_fixed']`` and
+the parameters keep their names and shapes, so the update still matches the
+caller's model). The wrapped copy is cached per model object (weakly) and its
+parameters/buffers are re-copied from the model on every call; it is rebuilt
+whenever the model's architecture (``repr``), parameter names, shapes, dtypes,
+devices or ``requires_grad`` flags differ from the cached one.
+
+Randomness
+    The noise is drawn by Opacus from the trial's ``generator``; same generator
+    state → same update. When the model is on another device than the
+    generator (a CPU generator and a CUDA model), a generator on the model's
+    device is seeded from one draw of ``generator``.
+
+Privacy accounting (``epsilon``)
+    ε after the study's utility training, from Opacus' accountant
+    (``accountant = "rdp"`` — Rényi DP, Mironov 2017 / Mironov et al. 2019 —
+    or ``"prv"`` — privacy random variables, Gopi et al. 2021), for
+    ``steps`` = rounds of the Poisson-subsampled Gaussian mechanism with
+    sampling rate ``sample_rate`` (client batch size / train-split size) and
+    the study's δ. Opacus' accountants assume Poisson sampling; the utility
+    loop draws a fixed-size batch without replacement each round — the usual
+    approximation (Opacus makes the same one with ``poisson_sampling=False``).
+    With FedAvg (``kind="delta"``) a round is ``k = local_steps`` DP-SGD steps on
+    the *same* batch: their composition is exactly one Gaussian mechanism with
+    noise multiplier ``σ/√k`` (Gaussian DP, Dong, Roth & Su 2022), subsampled once
+    per round, so ε is accounted with ``σ/√k`` per round — not ``k`` independently
+    subsampled steps, which would overstate the privacy. ``k`` is taken from the
+    ``local_steps`` argument of ``epsilon`` or else from the last
+    ``client_update`` call. σ = 0 gives ε = ∞. For small σ Opacus' PRV accountant
+    needs an enormous grid (tens of GiB at σ = 0.01, q ≈ 0.025, 150 steps) and
+    overflows; beyond :data:`PRV_MAX_GRID` points the RDP ε (also a valid upper
+    bound, looser) is reported with a warning, and ``last_accounting`` says which
+    accountant produced the last ε.
+
+Target-ε mode (``target_epsilon > 0``)
+    σ is calibrated through Opacus (``opacus.accountants.utils.get_noise_multiplier``)
+    so that the utility training reaches ``target_epsilon`` at the study's δ;
+    ``noise_multiplier`` is then ignored and the calibrated σ is written in every
+    update's ``meta``. The calibration needs the study's accounting
+    (rounds, client batch size / train-split size, δ, local steps), which a
+    defense does not know when it is constructed and ``client_update`` does
+    not receive. The harness therefore calls :meth:`DPSGD.calibrate` once,
+    before the first ``client_update``, in both the utility run and the
+    attack trial — so the attacker faces exactly the σ whose ε is reported.
+    ``client_update`` in target-ε mode without a prior ``calibrate`` raises a
+    clear error rather than guess; ``epsilon`` calibrates from its own
+    arguments when nothing was calibrated yet (it then reports ≈ the target).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from defenda import param
+from defenda.interfaces import Defense, SharedUpdate, UpdateKind
+
+if TYPE_CHECKING:
+    from torch import nn
+
+ACCOUNTANTS = ("rdp", "prv")
+#: largest PRV discretisation grid (points) computed; beyond it ε comes from RDP (about 2 s at this size)
+PRV_MAX_GRID = 2_000_000
+
+
+@dataclass
+class _Wrapped:
+    """A private, Opacus-wrapped copy of one caller model."""
+
+    signature: tuple[Any, ...]
+    local: Any  # the (fixed) deep copy, nn.Module
+    gsm: Any  # opacus GradSampleModule around ``local``
+    params: list[torch.nn.Parameter]
+    fixed: str | None
+
+
+def _signature(model: nn.Module) -> tuple[Any, ...]:
+    return (
+        repr(model),
+        tuple((n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in model.named_parameters()),
+        tuple((n, tuple(b.shape), b.dtype, b.device) for n, b in model.named_buffers()),
+    )
+
+
+def _noise_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """``generator`` when it lives on ``device``; else a generator on ``device`` seeded from it."""
+    if generator is None or generator.device == device:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def prv_grid_size(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Points of the discretisation grid Opacus' PRV accountant would build (as in ``PRVAccountant._get_domain``
+    with its default ``eps_error=0.01``, ``delta_error=δ/1000``). It explodes for small σ."""
+    import numpy as np
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    eps_error, delta_error = 0.01, delta / 1000
+    half_width = compute_safe_domain_size([PoissonSubsampledGaussianPRV(sample_rate, noise_multiplier)], [steps],
+                                          eps_error=eps_error, delta_error=delta_error)
+    mesh = eps_error / np.sqrt(steps * np.log(12 / delta_error) / 2)
+    return float(2 * half_width / mesh)
+
+
+def epsilon_from_accountant(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                            accountant: str = "rdp") -> tuple[float, str]:
+    """ε of ``steps`` Poisson-subsampled Gaussian steps from Opacus' accountant, and the accountant used.
+
+    PRV falls back to RDP (also a valid upper bound on ε, only looser) when its grid would exceed
+    :data:`PRV_MAX_GRID` points: for small σ Opacus' PRV needs tens of GiB and minutes, and overflows.
+    """
+    from opacus.accountants import create_accountant
+
+    if steps <= 0:
+        return 0.0, accountant
+    if noise_multiplier <= 0:
+        return math.inf, accountant
+    with warnings.catch_warnings():
+        # RDP's note that the optimal order sits at the edge of its grid (very small or large σ) is not
+        # actionable here: ε is then either astronomically large or tiny anyway.
+        warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest) alpha")
+        if accountant == "prv":
+            size = prv_grid_size(noise_multiplier, sample_rate, steps, delta)
+            if size > PRV_MAX_GRID:
+                warnings.warn(f"dp-sgd: Opacus' PRV accountant would need a grid of {size:.3g} points for "
+                              f"σ={noise_multiplier:g}, q={sample_rate:g}, {steps} steps; reporting the RDP "
+                              "accountant's ε instead (also an upper bound, looser)", RuntimeWarning, stacklevel=3)
+                accountant = "rdp"
+        acc = create_accountant(mechanism=accountant)
+        for _ in range(steps):
+            acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+        return float(acc.get_epsilon(delta=delta)), accountant
+
+
+class DPSGD(Defense):
+    """DP-SGD (Abadi et al. 2016) through Opacus (Yousefpour et al. 2021): per-sample clipping + Gaussian noise."""
+
+    name = "dp-sgd"
+    default_sweep = (0.01, 0.1, 0.5, 1.0, 2.0)
+
+    @dataclass(frozen=True)
+    class Params:
+        noise_multiplier: float = param(
+            1.0, "σ: std of the Gaussian noise added to the sum of clipped per-sample gradients, "
+                 "in units of max_grad_norm (ignored when target_epsilon > 0)", strength="up")
+        max_grad_norm: float = param(1.0, "C: per-sample gradient L2 clipping bound")
+        accountant: str = param("rdp", "Opacus accountant for ε: 'rdp' (Rényi DP) or 'prv' (privacy random "
+                                       "variables)", choices=ACCOUNTANTS)
+        target_epsilon: float = param(0.0, "calibrate σ through Opacus to reach this ε after the study's "
+                                           "utility training (0 = off, use noise_multiplier)")
+        secure_mode: bool = param(False, "Opacus' secure noise sampling (robust to floating-point attacks)")
+
+        def __post_init__(self) -> None:
+            if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0:
+                raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}")
+            if not math.isfinite(self.max_grad_norm) or self.max_grad_norm <= 0:
+                raise ValueError(f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm}")
+            if self.accountant not in ACCOUNTANTS:
+                raise ValueError(f"accountant must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}")
+            if not math.isfinite(self.target_epsilon) or self.target_epsilon < 0:
+                raise ValueError(f"target_epsilon must be a finite number >= 0 (0 = off), got {self.target_epsilon}")
+
+    def __init__(self, params: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._wrapped: weakref.WeakKeyDictionary[Any, _Wrapped] = weakref.WeakKeyDictionary()
+        self._calibrated: float | None = None
+        self._calibration: dict[str, Any] | None = None
+        self._steps_per_round: int | None = None
+        #: how the last ε was computed (accountant actually used, σ, k, steps, q, δ)
+        self.last_accounting: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_wrapped", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._wrapped = weakref.WeakKeyDictionary()
+
+    # ---------------------------------------------------------------- noise level
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The σ in use: the parameter, or the calibrated one in target-ε mode."""
+        if self.params.target_epsilon <= 0:
+            return self.params.noise_multiplier
+        if self._calibrated is None:
+            raise RuntimeError(
+                "dp-sgd: target_epsilon is set but σ was not calibrated; call "
+                "defense.calibrate(steps=<rounds>, sample_rate=<client batch size / train size>, delta=<δ>, "
+                "local_steps=<DP steps per round>) before client_update (the harness does this)")
+        return self._calibrated
+
+    def calibrate(self, *, steps: int, sample_rate: float, delta: float, local_steps: int = 1) -> float:
+        """Target-ε mode: find σ through Opacus for this accounting; returns σ (no-op otherwise).
+
+        :param steps: rounds of utility training (one subsampled mechanism per round).
+        :param sample_rate: client batch size / train-split size.
+        :param local_steps: DP-SGD steps per round on the same batch (FedAvg; 1 for FedSGD).
+        """
+        if self.params.target_epsilon <= 0:
+            return self.params.noise_multiplier
+        from opacus.accountants.utils import get_noise_multiplier
+
+        _check_accounting(steps, sample_rate, delta)
+        key = {"steps": int(steps), "sample_rate": float(sample_rate), "delta": float(delta),
+               "local_steps": int(local_steps)}
+        if self._calibration != key:
+            with warnings.catch_warnings():
+                # the bisection visits large σ, where RDP's optimal order is the largest one tried
+                warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest) alpha")
+                try:
+                    sigma_round = get_noise_multiplier(target_epsilon=self.params.target_epsilon,
+                                                       target_delta=delta, sample_rate=sample_rate,
+                                                       steps=int(steps), accountant=self.params.accountant)
+                except MemoryError:
+                    raise ValueError(f"dp-sgd: calibrating σ for target_epsilon={self.params.target_epsilon} "
+                                     "with the PRV accountant needs too much memory (a weak target means a "
+                                     "small σ); use accountant = 'rdp'") from None
+            self._calibrated = float(sigma_round) * math.sqrt(max(1, int(local_steps)))
+            self._calibration = key
+        assert self._calibrated is not None
+        return self._calibrated
+
+    def epsilon(self, *, steps: int, sample_rate: float, delta: float, local_steps: int | None = None) -> float:
+        """ε after ``steps`` rounds at ``sample_rate`` and ``delta`` (Opacus' RDP or PRV accountant)."""
+        k = int(local_steps or self._steps_per_round or 1)
+        if self.params.target_epsilon > 0 and self._calibrated is None:
+            self.calibrate(steps=steps, sample_rate=sample_rate, delta=delta, local_steps=k)
+        if steps <= 0:
+            return 0.0
+        _check_accounting(steps, sample_rate, delta)
+        eps, used = epsilon_from_accountant(self.noise_multiplier / math.sqrt(k), sample_rate, int(steps), delta,
+                                            self.params.accountant)
+        self.last_accounting = {"accountant": used, "noise_multiplier": self.noise_multiplier, "local_steps": k,
+                                "steps": int(steps), "sample_rate": float(sample_rate), "delta": float(delta),
+                                "epsilon": eps}
+        return eps
+
+    # ---------------------------------------------------------------- the update
+
+    def _wrap(self, model: nn.Module) -> _Wrapped:
+        from opacus import GradSampleModule
+        from opacus.validators import ModuleValidator
+
+        sig = _signature(model)
+        entry = self._wrapped.get(model)
+        if entry is not None and entry.signature == sig:
+            return entry
+        local = copy.deepcopy(model)
+        local.train()  # Opacus computes per-sample gradients in training mode only
+        fixed = None
+        if not ModuleValidator.is_valid(local):
+            before = {n: type(m).__name__ for n, m in local.named_modules()}
+            local = ModuleValidator.fix(local)
+            after = {n: type(m).__name__ for n, m in local.named_modules()}
+            changes = sorted({f"{before[n]}→{after[n]}" for n in before if n in after and before[n] != after[n]})
+            fixed = ", ".join(changes) or "fixed by Opacus' ModuleValidator"
+            errors = ModuleValidator.validate(local)
+            if errors:
+                raise ValueError("dp-sgd: Opacus cannot train this model even after ModuleValidator.fix: "
+                                 + "; ".join(str(e).splitlines()[0] for e in errors))
+        names = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+        if [(n, tuple(p.shape)) for n, p in local.named_parameters()] != names:
+            raise ValueError(f"dp-sgd: Opacus' model fix ({fixed}) changed the model's parameters; "
+                             "use a model Opacus supports as is (e.g. GroupNorm instead of BatchNorm)")
+        gsm = GradSampleModule(local)  # hooks on the private copy only
+        entry = _Wrapped(sig, local, gsm, list(local.parameters()), fixed)
+        self._wrapped[model] = entry
+        return entry
+
+    def client_update(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        kind: UpdateKind = "gradient",
+        local_steps: int = 1,
+        lr: float = 0.1,
+        generator: torch.Generator | None = None,
+    ) -> SharedUpdate:
+        from opacus.optimizers import DPOptimizer
+
+        from defenda.client import loss_fn
+
+        if kind not in ("gradient", "delta"):
+            raise ValueError(f"unknown update kind {kind!r}; use 'gradient' or 'delta'")
+        if len(x) == 0:
+            raise ValueError("dp-sgd: empty batch")
+        steps = max(1, int(local_steps)) if kind == "delta" else 1
+        self._steps_per_round = steps
+        sigma = self.noise_multiplier
+        clip = self.params.max_grad_norm
+        entry = self._wrap(model)
+        originals = list(model.parameters())
+        with torch.no_grad():
+            for lp, p in zip(entry.params, originals):
+                lp.copy_(p)
+            local_buffers = dict(entry.local.named_buffers())
+            for n, b in model.named_buffers():
+                if n in local_buffers:
+                    local_buffers[n].copy_(b)
+        trainable = [p for p in entry.params if p.requires_grad]
+        device = entry.params[0].device if entry.params else torch.device("cpu")
+        opt = DPOptimizer(torch.optim.SGD(trainable, lr=lr), noise_multiplier=sigma, max_grad_norm=clip,
+                          expected_batch_size=len(x), loss_reduction="mean",
+                          generator=_noise_generator(generator, device), secure_mode=self.params.secure_mode)
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                # the inputs do not require grad: torch warns about Opacus' full backward hooks
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                for _ in range(steps):
+                    opt.zero_grad(set_to_none=True)
+                    loss_fn(entry.gsm(x), y).backward()
+                    if kind == "gradient":
+                        opt.pre_step()  # clip, accumulate, noise, scale: p.grad is what is shared
+                    else:
+                        opt.step()
+            if kind == "gradient":
+                tensors = [lp.grad.detach().clone() if lp.grad is not None else torch.zeros_like(lp)
+                           for lp in entry.params]
+            else:
+                tensors = [(lp.detach() - p.detach()).clone() for lp, p in zip(entry.params, originals)]
+        except BaseException:
+            self._wrapped.pop(model, None)  # never reuse a copy left in an unknown state
+            raise
+        finally:
+            opt.zero_grad(set_to_none=True)  # drop per-sample gradients
+        meta: dict[str, Any] = {
+            "noise_multiplier": sigma, "max_grad_norm": clip,
+            "noise_std": sigma * clip / len(x),  # per-coordinate std of the noise in one averaged gradient
+            "dp_steps": steps, "accountant": self.params.accountant, "secure_mode": self.params.secure_mode,
+        }
+        if self.params.target_epsilon > 0:
+            meta["target_epsilon"] = self.params.target_epsilon
+            meta["calibration"] = dict(self._calibration or {})
+        if entry.fixed:
+            meta["model_fixed"] = entry.fixed
+        names = [n for n, _ in model.named_parameters()]
+        return SharedUpdate(tensors=tensors, names=names, kind=kind, batch_size=len(x),
+                            local_steps=steps if kind == "delta" else 1, lr=lr, meta=meta)
+
+
+def _check_accounting(steps: int, sample_rate: float, delta: float) -> None:
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
