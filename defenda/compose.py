@@ -64,6 +64,11 @@ class ComposedDefense(Defense):
             requested = part.client_batch_size(requested)
         return requested
 
+    def calibrate(self, *, steps: int, sample_rate: float, delta: float, local_steps: int = 1) -> Any:
+        for part in self.parts:
+            part.calibrate(steps=steps, sample_rate=sample_rate, delta=delta, local_steps=local_steps)
+        return None
+
     def epsilon(self, *, steps: int, sample_rate: float, delta: float) -> float | None:
         for part in self.parts:
             eps = part.epsilon(steps=steps, sample_rate=sample_rate, delta=delta)

@@ -262,6 +262,14 @@ class Defense(Plugin):
         """The batch size the client actually uses (the large-batch defense enlarges it)."""
         return requested
 
+    def calibrate(self, *, steps: int, sample_rate: float, delta: float, local_steps: int = 1) -> Any:
+        """Learn the federation's accounting before any update (DP target-ε mode). Default: nothing.
+
+        Called by the harness before utility training and before the attacked update,
+        so the attacker faces the same noise whose ε is reported.
+        """
+        return None
+
     def epsilon(self, *, steps: int, sample_rate: float, delta: float) -> float | None:
         """Privacy ε after ``steps`` of utility training (None for defenses without a DP guarantee)."""
         return None

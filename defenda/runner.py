@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -20,49 +20,144 @@ from defenda.plugins import Plugins, get_plugins, set_plugins
 from defenda.store import Store
 from defenda.study import Study
 
-Job = tuple[Callable[..., Any], tuple[Any, ...]]
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    os.environ["DEFENDA_QUIET_PLUGINS"] = "1"  # the parent already reported plugin problems once
-    torch.set_num_threads(threads)
+#: (function, arguments, failure row builder): the builder makes the job's row when its worker
+#: hangs past the time limit or dies (out of memory, segfault), so that trial still gets a row.
+Job = tuple[Callable[..., Any], tuple[Any, ...], Callable[[str, str], Any]]
 
 
 class InlineExecutor:
-    """Runs jobs one after another in this process (``--workers 1``)."""
+    """Runs jobs one after another in this process (``--workers 1``, no time or memory limit)."""
 
     def map_unordered(self, jobs: list[Job]) -> Iterator[Any]:
-        for fn, args in jobs:
+        for fn, args, _ in jobs:
             yield fn(*args)
 
     def close(self) -> None:
         pass
 
 
-class ProcessExecutor:
-    """A local process pool (``--workers N``); results come back as they finish."""
+def _worker_main(conn: Any, threads: int, memory_gb: float, stage: Any) -> None:
+    """A worker process: run jobs sent over ``conn`` until told to stop."""
+    import signal
 
-    def __init__(self, workers: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if memory_gb > 0:
+        import resource
+
+        limit = int(memory_gb * 2**30)
+        # RLIMIT_DATA bounds heap and anonymous mappings: a runaway allocation fails with
+        # a MemoryError/RuntimeError inside the plugin (an error row) instead of taking the machine.
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    os.environ["DEFENDA_QUIET_PLUGINS"] = "1"  # the parent already reported plugin problems once
+    import torch
+
+    from defenda import trial
+
+    torch.set_num_threads(threads)
+    trial.STAGE = stage
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        fn, args = msg
+        conn.send(fn(*args))
+
+
+class _Worker:
+    def __init__(self, ctx: Any, threads: int, memory_gb: float) -> None:
+        self.conn, child = ctx.Pipe()
+        self.stage = ctx.Array("c", 160)
+        self.process = ctx.Process(target=_worker_main, args=(child, threads, memory_gb, self.stage), daemon=True)
+        self.process.start()
+        child.close()
+        self.job: Job | None = None
+        self.started = 0.0
+
+    def stage_name(self) -> str:
+        return self.stage.value.decode(errors="replace") or "defenda"
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+class IsolatedExecutor:
+    """Spawned worker processes (``--workers N``, or any time or memory limit).
+
+    Each job runs in a long-lived worker; a worker that runs past ``timeout`` seconds
+    or dies is killed and replaced, and its job gets an ``error`` row naming the
+    plugin that was running. ``spawn``, not ``fork``: forking a process whose torch
+    thread pool has run deadlocks the child.
+    """
+
+    def __init__(self, workers: int, *, timeout: float = 0, memory_gb: float = 0) -> None:
         import multiprocessing as mp
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        # spawn, not fork: forking a process that already started torch's thread pools can deadlock.
-        self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                        initializer=_init_worker, initargs=(threads,))
+        self.ctx = mp.get_context("spawn")
+        self.n, self.timeout, self.memory_gb = workers, timeout, memory_gb
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.workers: list[_Worker] = []
+
+    def _spawn(self) -> _Worker:
+        return _Worker(self.ctx, self.threads, self.memory_gb)
 
     def map_unordered(self, jobs: list[Job]) -> Iterator[Any]:
-        futures: list[Future[Any]] = [self.pool.submit(fn, *args) for fn, args in jobs]
+        import time
+        from multiprocessing.connection import wait
+
+        pending = list(reversed(jobs))
+        while len(self.workers) < min(self.n, len(jobs)):
+            self.workers.append(self._spawn())
         try:
-            for fut in as_completed(futures):
-                yield fut.result()
-        finally:
-            for fut in futures:
-                fut.cancel()
+            while pending or any(w.job for w in self.workers):
+                for w in self.workers:
+                    if w.job is None and pending:
+                        w.job, w.started = pending.pop(), time.monotonic()
+                        w.stage.value = b""
+                        w.conn.send(w.job[:2])
+                busy = [w for w in self.workers if w.job is not None]
+                wait_s = None
+                if self.timeout > 0:
+                    wait_s = max(0.0, min(w.started + self.timeout for w in busy) - time.monotonic())
+                ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_s)
+                for w in busy:
+                    if w.conn in ready:
+                        try:
+                            result = w.conn.recv()
+                        except (EOFError, OSError):
+                            yield self._replace(w, "worker process died (exit code "
+                                                   f"{w.process.exitcode}; out of memory?)")
+                            continue
+                        w.job = None
+                        yield result
+                    elif w.process.sentinel in ready or not w.process.is_alive():
+                        yield self._replace(w, f"worker process died (exit code {w.process.exitcode}; "
+                                               "out of memory?)")
+                    elif self.timeout > 0 and time.monotonic() - w.started > self.timeout:
+                        yield self._replace(w, f"timed out after {self.timeout:g} s (study timeout)")
+        except BaseException:
+            self.close()  # Ctrl-C or a crash here: stop the workers, the store keeps what was written
+            raise
+
+    def _replace(self, w: _Worker, reason: str) -> Any:
+        assert w.job is not None
+        job, plugin = w.job, w.stage_name()
+        w.kill()
+        self.workers[self.workers.index(w)] = self._spawn()
+        return job[2](reason, plugin)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for w in self.workers:
+            try:
+                if w.job is None and w.process.is_alive():
+                    w.conn.send(None)
+                    w.process.join(2)
+            except OSError:
+                pass
+            w.kill()
+        self.workers = []
 
 
 class DaskExecutor:
@@ -77,7 +172,7 @@ class DaskExecutor:
     def map_unordered(self, jobs: list[Job]) -> Iterator[Any]:
         from dask.distributed import as_completed as dask_completed
 
-        futures = [self.client.submit(fn, *args, pure=False) for fn, args in jobs]
+        futures = [self.client.submit(fn, *args, pure=False) for fn, args, _ in jobs]
         for fut in dask_completed(futures):
             yield fut.result()
 
@@ -86,10 +181,14 @@ class DaskExecutor:
             self.client.close()
 
 
-def make_executor(workers: int = 1, executor: str = "local", scheduler: Any = None) -> Any:
+def make_executor(workers: int = 1, executor: str = "local", scheduler: Any = None, *,
+                  timeout: float = 0, memory_gb: float = 0) -> Any:
+    """In-process for one worker without limits; isolated worker processes otherwise; or Dask."""
     if executor == "dask":
         return DaskExecutor(scheduler)
-    return ProcessExecutor(workers) if workers > 1 else InlineExecutor()
+    if workers > 1 or timeout > 0 or memory_gb > 0:
+        return IsolatedExecutor(workers, timeout=timeout, memory_gb=memory_gb)
+    return InlineExecutor()
 
 
 class Progress:
@@ -125,9 +224,10 @@ def run_study(
     retry_errors: bool = False,
 ) -> dict[str, int]:
     """Run every trial of ``study`` not yet in ``out_dir``'s store. Returns counts by status."""
-    from defenda.trial import run_trial, run_utility
+    from defenda.trial import failed_trial, failed_utility, run_trial, run_utility
 
     plugins = plugins or get_plugins()
+    limits = {"timeout": float(study.settings["timeout"]), "memory_gb": float(study.settings["memory_limit_gb"])}
     if executor == "local" and workers == 1:
         set_plugins(plugins)  # in-process trials use exactly these plugins
     trials = study.trials()
@@ -140,13 +240,14 @@ def run_study(
         counts["resumed"] = len(trials) - len(todo)
         utility_jobs = _utility_jobs(todo, store)
         bar = Progress(len(utility_jobs) + len(todo), progress, study.name)
-        pool = make_executor(workers, executor, scheduler)
+        pool = make_executor(workers, executor, scheduler, **limits)
         try:
-            for row in pool.map_unordered([(run_utility, (job, device)) for job in utility_jobs]):
+            ujobs = [(run_utility, (job, device), partial(failed_utility, job)) for job in utility_jobs]
+            for row in pool.map_unordered(ujobs):
                 store.add_utility(row)
                 bar.update(f"utility {row['defense']} acc={row.get('test_acc') or 0:.2f}")
             cache_dir = str(Path(out_dir) / "cache")
-            jobs = [(run_trial, ({**t, "cache_dir": cache_dir}, device)) for t in todo]
+            jobs = [(run_trial, ({**t, "cache_dir": cache_dir}, device), partial(failed_trial, t)) for t in todo]
             by_key = {t["key"]: t for t in todo}
             for row, arrays in pool.map_unordered(jobs):
                 util = store.utility(row["utility_key"]) or {}

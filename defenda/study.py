@@ -36,7 +36,8 @@ STUDY_KEYS: dict[str, tuple[type | tuple[type, ...], str, Any]] = {
     "server": (str, "'honest' or 'malicious' (a malicious server may choose the model's weights)", "honest"),
     "knowledge": (list, f"a list of knowledge flags from {list(KNOWLEDGE_FLAGS)}", ["batch_size"]),
     "delta": ((int, float), "the DP δ (0 = 1/len(train split))", 0.0),
-    "timeout": ((int, float), "seconds one trial may run (0 = no limit)", 0),
+    "timeout": ((int, float), "seconds one trial may run before it is stopped as an error (0 = no limit)", 0),
+    "memory_limit_gb": ((int, float), "memory one trial's worker may allocate, in GiB (0 = no limit)", 0),
     "save_reconstructions": (bool, "true or false", True),
 }
 
@@ -182,6 +183,7 @@ def _parse_settings(table: Any, source: str) -> dict[str, Any]:
         ("update", settings["update"] in ("gradient", "delta")),
         ("server", settings["server"] in ("honest", "malicious")),
         ("delta", 0 <= settings["delta"] < 1), ("timeout", settings["timeout"] >= 0),
+        ("memory_limit_gb", settings["memory_limit_gb"] >= 0),
         ("knowledge", all(f in KNOWLEDGE_FLAGS for f in settings["knowledge"])),
     ]
     for key, ok in checks:

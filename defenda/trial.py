@@ -24,8 +24,12 @@ from defenda.errors import UnsupportedError
 from defenda.interfaces import Attack, Defense, Knowledge, Reconstruction, Task, TaskData
 from defenda.plugins import Plugins, get_plugins
 from defenda.store import METRIC_COLUMNS
+from defenda.utility import accounting_for
 
 _TASKS: dict[str, tuple[Task, TaskData]] = {}
+#: set by an isolated worker: a shared buffer naming the plugin now running, so a trial
+#: stopped for its time limit can name the plugin that hung
+STAGE: Any = None
 
 
 class StageError(Exception):
@@ -111,6 +115,8 @@ def _check_reconstruction(recon: Any, data: TaskData, attack: str) -> Reconstruc
 
 
 def _in_plugin(plugin: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    if STAGE is not None:
+        STAGE.value = plugin.encode()[:150]
     try:
         return fn(*args, **kwargs)
     except (UnsupportedError, StageError):
@@ -145,14 +151,7 @@ def run_trial(trial: dict[str, Any], device: str = "cpu") -> tuple[dict[str, Any
     """Run one trial; never raises: failures become ``error`` rows, unmet requirements ``skipped`` rows."""
     t0 = time.perf_counter()
     plugins = get_plugins()
-    row: dict[str, Any] = {
-        k: trial[k] for k in ("key", "study", "task", "attack", "defense", "strength", "batch_size", "seed",
-                              "server", "knowledge", "utility_key")
-    }
-    row["params"] = {"task": trial["task_params"], "attack": trial["attack_params"],
-                     "defense": trial["defense_params"], "update": trial["update"],
-                     "local_steps": trial["local_steps"], "lr": trial["lr"]}
-    row["versions"] = plugins.versions()
+    row = _base_row(trial, plugins)
     arrays = None
     try:
         values, extra, attack_seconds, arrays = _attack_trial(plugins, trial, resolve_device(device))
@@ -168,6 +167,33 @@ def run_trial(trial: dict[str, Any], device: str = "cpu") -> tuple[dict[str, Any
     row["trial_seconds"] = time.perf_counter() - t0
     row["finished_at"] = _now()
     return row, arrays
+
+
+def _base_row(trial: dict[str, Any], plugins: Plugins) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        k: trial[k] for k in ("key", "study", "task", "attack", "defense", "strength", "batch_size", "seed",
+                              "server", "knowledge", "utility_key")
+    }
+    row["params"] = {"task": trial["task_params"], "attack": trial["attack_params"],
+                     "defense": trial["defense_params"], "update": trial["update"],
+                     "local_steps": trial["local_steps"], "lr": trial["lr"]}
+    row["versions"] = plugins.versions()
+    return row
+
+
+def failed_trial(trial: dict[str, Any], reason: str, plugin: str) -> tuple[dict[str, Any], None]:
+    """The row of a trial whose worker was stopped (time limit) or died (memory, crash)."""
+    row = _base_row(trial, get_plugins())
+    row.update(status="error", reason=f"{plugin}: {reason}", error_type="WorkerStopped", plugin=plugin,
+               finished_at=_now())
+    return row, None
+
+
+def failed_utility(job: dict[str, Any], reason: str, plugin: str) -> dict[str, Any]:
+    """The utility row of a job whose worker was stopped or died."""
+    return {"key": job["key"], "task": job["task"], "defense": job["defense"], "strength": job.get("strength"),
+            "params": job["defense_params"], "seed": job["seed"], "status": "error",
+            "reason": f"{plugin}: {reason}", "finished_at": _now()}
 
 
 def _attack_trial(plugins: Plugins, trial: dict[str, Any],
@@ -189,6 +215,8 @@ def _attack_trial(plugins: Plugins, trial: dict[str, Any],
         model = _in_plugin(a_entry.origin.plugin, attack.prepare_model, model, data)
     model = model.to(device)
     size = _in_plugin(d_plugin, defense.client_batch_size, trial["batch_size"])
+    utility_size = min(defense.client_batch_size(trial["client_batch_size"]), len(data.train[0]))
+    _in_plugin(d_plugin, defense.calibrate, **accounting_for(trial, utility_size, len(data.train[0])))
     x, y, gen = _sample_batch(data, size, trial["seed"])
     x, y = x.to(device), y.to(device)
     knowledge = _knowledge(trial, data, y, device)
@@ -207,6 +235,7 @@ def _attack_trial(plugins: Plugins, trial: dict[str, Any],
     attack_seconds = time.perf_counter() - t_attack
     recon = _check_reconstruction(recon, data, trial["attack"])
     values, extra, matched, xm, _ = score(plugins, x, y, recon, data)
+    values["batch_size"] = len(x)  # what the client really used (large-batch defenses change it)
     extra["attack_info"] = _jsonable(recon.info)
     arrays = None
     if data.kind == "image" and trial.get("save_reconstructions", True):

@@ -18,6 +18,12 @@ from defenda.interfaces import TaskData
 from defenda.plugins import Plugins
 
 
+def accounting_for(job: dict[str, Any], size: int, n_train: int) -> dict[str, Any]:
+    """The federation's privacy accounting: one subsampled mechanism per round of utility training."""
+    return {"steps": job["rounds"], "sample_rate": size / n_train, "delta": job["delta"] or 1.0 / n_train,
+            "local_steps": job["local_steps"] if job["update"] == "delta" else 1}
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, data: TaskData, device: torch.device, chunk: int = 1024) -> float:
     """Top-1 accuracy on the test split."""
@@ -40,14 +46,19 @@ def measure_utility(plugins: Plugins, job: dict[str, Any], device: torch.device)
     model = task.build_model(data).to(device)
     x_train, y_train = data.train
     size = min(defense.client_batch_size(job["client_batch_size"]), len(x_train))
-    gen = torch.Generator().manual_seed(20_000 + job["seed"])
+    accounting = accounting_for(job, size, len(x_train))
+    defense.calibrate(**accounting)
+    # Two generators: the defense's randomness must not change which batches are drawn,
+    # or every noisy defense would also train on a different batch order than `none`.
+    batches = torch.Generator().manual_seed(20_000 + job["seed"])
+    noise = torch.Generator().manual_seed(30_000 + job["seed"])
     for _ in range(job["rounds"]):
-        idx = torch.randperm(len(x_train), generator=gen)[:size]
+        idx = torch.randperm(len(x_train), generator=batches)[:size]
         model.train()
         update = defense.client_update(model, x_train[idx].to(device), y_train[idx].to(device), kind=job["update"],
-                                       local_steps=job["local_steps"], lr=job["lr"], generator=gen)
+                                       local_steps=job["local_steps"], lr=job["lr"], generator=noise)
         apply_update(model, update, job["lr"])
     acc = accuracy(model, data, device)
-    delta = job["delta"] or 1.0 / len(x_train)
-    eps = defense.epsilon(steps=job["rounds"], sample_rate=size / len(x_train), delta=delta)
+    eps = defense.epsilon(steps=accounting["steps"], sample_rate=accounting["sample_rate"],
+                          delta=accounting["delta"])
     return acc, eps
