@@ -18,7 +18,7 @@ from typing import Any
 
 from defenda.plugins import Plugins, get_plugins, set_plugins
 from defenda.store import Store
-from defenda.study import Study
+from defenda.study import Study, check_against_data
 
 #: (function, arguments, failure row builder): the builder makes the job's row when its worker
 #: hangs past the time limit or dies (out of memory, segfault), so that trial still gets a row.
@@ -230,6 +230,7 @@ def run_study(
     limits = {"timeout": float(study.settings["timeout"]), "memory_gb": float(study.settings["memory_limit_gb"])}
     if executor == "local" and workers == 1:
         set_plugins(plugins)  # in-process trials use exactly these plugins
+    check_against_data(study, plugins.registry)
     trials = study.trials()
     counts = {"ok": 0, "error": 0, "skipped": 0, "resumed": 0}
     with Store(out_dir) as store:

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -40,6 +41,9 @@ STUDY_KEYS: dict[str, tuple[type | tuple[type, ...], str, Any]] = {
     "memory_limit_gb": ((int, float), "memory one trial's worker may allocate, in GiB (0 = no limit)", 0),
     "save_reconstructions": (bool, "true or false", True),
 }
+
+# A study name becomes a directory name: no separators, no leading dot, so it cannot escape runs/.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 
 PLUGIN_SECTIONS = {"task": "task", "tasks": "task", "attacks": "attack", "defenses": "defense"}
 
@@ -189,6 +193,9 @@ def _parse_settings(table: Any, source: str) -> dict[str, Any]:
     for key, ok in checks:
         if not ok:
             raise _fail(source, f"[study] key '{key}'", f"expected {STUDY_KEYS[key][1]}, got {settings[key]!r}")
+    if not _SAFE_NAME.match(settings["name"]):
+        raise _fail(source, "[study] key 'name'", "use letters, digits, '.', '_' and '-' only (it names the "
+                    f"output directory runs/<name>), got {settings['name']!r}")
     settings["lr"] = float(settings["lr"])
     return settings
 
@@ -271,6 +278,25 @@ def _expand_composed(registry: Registry, name: str, tables: dict[str, Any]) -> l
         configs.append(PluginConfig("defense", name, {c.name: c.params for c in combo},
                                     strengths[-1] if strengths else None))
     return configs
+
+
+def check_against_data(study: Study, registry: Registry) -> None:
+    """Errors that need the data: a missing data set, a batch larger than a task's train split."""
+    from defenda.compose import make_defense
+    from defenda.trial import load_task
+
+    for task in study.tasks:
+        try:
+            _, data = load_task(registry, task.name, task.params)
+        except DefendaError as exc:
+            raise StudyError(f"{study.source}: [task] '{task.name}': {exc}") from None
+        n = len(data.train[0])
+        for defense in study.defenses:
+            chosen = make_defense(registry, defense.name, defense.params)
+            size = max(chosen.client_batch_size(b) for b in study.settings["batch_sizes"])
+            if size > n:
+                raise StudyError(f"{study.source}: batch size {size} ({defense.label()}) is larger than task "
+                                 f"'{task.name}' has training samples ({n}); use smaller batch_sizes")
 
 
 def default_study_path() -> Path:

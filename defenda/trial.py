@@ -23,6 +23,7 @@ from defenda.compose import component_names, make_defense
 from defenda.errors import UnsupportedError
 from defenda.interfaces import Attack, Defense, Knowledge, Reconstruction, Task, TaskData
 from defenda.plugins import Plugins, get_plugins
+from defenda.registry import Registry
 from defenda.store import METRIC_COLUMNS
 from defenda.utility import accounting_for
 
@@ -48,11 +49,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_task(plugins: Plugins, name: str, params: dict[str, Any]) -> tuple[Task, TaskData]:
+def load_task(registry: Registry, name: str, params: dict[str, Any]) -> tuple[Task, TaskData]:
     """The task and its data, loaded once per process."""
     key = json.dumps([name, params], sort_keys=True)
     if key not in _TASKS:
-        task = plugins.registry.get("task", name).cls(params)
+        task = registry.get("task", name).cls(params)
         _TASKS[key] = (task, task.load())
     return _TASKS[key]
 
@@ -103,14 +104,15 @@ def skip_reason(attack: Attack, trial: dict[str, Any], data: TaskData) -> str | 
     return None
 
 
-def _check_reconstruction(recon: Any, data: TaskData, attack: str) -> Reconstruction:
-    if not isinstance(recon, Reconstruction):
-        raise StageError(attack, TypeError(f"reconstruct() returned {type(recon).__name__}, not a Reconstruction"))
+def _check_reconstruction(recon: Any, data: TaskData, plugin: str) -> Reconstruction:
+    """A reconstruction the metrics can score, or a StageError naming the attack's plugin."""
+    if not isinstance(recon, Reconstruction) or not isinstance(recon.inputs, torch.Tensor):
+        raise StageError(plugin, TypeError(f"reconstruct() returned {type(recon).__name__}, not a Reconstruction"))
     shape = tuple(recon.inputs.shape[1:])
     if shape != tuple(data.input_shape):
-        raise StageError(attack, ValueError(f"reconstruction has sample shape {shape}, expected {data.input_shape}"))
+        raise StageError(plugin, ValueError(f"reconstruction has sample shape {shape}, expected {data.input_shape}"))
     if not torch.isfinite(recon.inputs).all():
-        raise StageError(attack, ValueError("reconstruction contains NaN or inf"))
+        raise StageError(plugin, ValueError("reconstruction contains NaN or inf"))
     return recon
 
 
@@ -159,7 +161,7 @@ def run_trial(trial: dict[str, Any], device: str = "cpu") -> tuple[dict[str, Any
     except UnsupportedError as exc:
         row.update(status="skipped", reason=str(exc))
     except StageError as exc:
-        row.update(status="error", reason=str(exc).splitlines()[0][:500], error_type=type(exc.original).__name__,
+        row.update(status="error", reason=f"{exc.plugin}: {exc}".splitlines()[0][:500], error_type=type(exc.original).__name__,
                    plugin=exc.plugin, extra={"traceback": traceback.format_exc()[-4000:]})
     except Exception as exc:
         row.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
@@ -200,7 +202,7 @@ def _attack_trial(plugins: Plugins, trial: dict[str, Any],
                   device: torch.device) -> tuple[dict[str, Any], dict[str, Any], float, dict[str, np.ndarray] | None]:
     reg = plugins.registry
     task_entry = reg.get("task", trial["task"])
-    task, data = _in_plugin(task_entry.origin.plugin, load_task, plugins, trial["task"], trial["task_params"])
+    task, data = _in_plugin(task_entry.origin.plugin, load_task, reg, trial["task"], trial["task_params"])
     a_entry = reg.get("attack", trial["attack"])
     attack: Attack = a_entry.cls(trial["attack_params"])
     defense: Defense = make_defense(reg, trial["defense"], trial["defense_params"])
@@ -227,13 +229,13 @@ def _attack_trial(plugins: Plugins, trial: dict[str, Any],
     model.train()
     update = _in_plugin(d_plugin, defense.client_update, model, x, y, kind=trial["update"],
                         local_steps=trial["local_steps"], lr=trial["lr"], generator=gen)
-    _check_update(update, model, trial["defense"])
+    _check_update(update, model, d_plugin)
     model.eval()
     torch.manual_seed(trial["seed"] + 1)
     t_attack = time.perf_counter()
     recon = _in_plugin(a_entry.origin.plugin, attack.reconstruct, update, model, knowledge)
     attack_seconds = time.perf_counter() - t_attack
-    recon = _check_reconstruction(recon, data, trial["attack"])
+    recon = _check_reconstruction(recon, data, a_entry.origin.plugin)
     values, extra, matched, xm, _ = score(plugins, x, y, recon, data)
     values["batch_size"] = len(x)  # what the client really used (large-batch defenses change it)
     extra["attack_info"] = _jsonable(recon.info)
@@ -244,15 +246,15 @@ def _attack_trial(plugins: Plugins, trial: dict[str, Any],
     return values, extra, attack_seconds, arrays
 
 
-def _check_update(update: Any, model: torch.nn.Module, defense: str) -> None:
+def _check_update(update: Any, model: torch.nn.Module, plugin: str) -> None:
     from defenda.interfaces import SharedUpdate
 
     if not isinstance(update, SharedUpdate):
-        raise StageError(defense, TypeError(f"client_update() returned {type(update).__name__}, not a SharedUpdate"))
+        raise StageError(plugin, TypeError(f"client_update() returned {type(update).__name__}, not a SharedUpdate"))
     shapes = [tuple(p.shape) for p in model.parameters()]
     got = [tuple(t.shape) for t in update.tensors]
     if got != shapes:
-        raise StageError(defense, ValueError("update tensors do not match the model's parameters "
+        raise StageError(plugin, ValueError("update tensors do not match the model's parameters "
                                              f"({len(got)} tensors for {len(shapes)} parameters)"))
 
 

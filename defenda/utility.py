@@ -40,7 +40,7 @@ def measure_utility(plugins: Plugins, job: dict[str, Any], device: torch.device)
     """Test accuracy after training under the job's defense, and the defense's ε (None if not DP)."""
     from defenda.trial import load_task
 
-    task, data = load_task(plugins, job["task"], job["task_params"])
+    task, data = load_task(plugins.registry, job["task"], job["task_params"])
     defense = make_defense(plugins.registry, job["defense"], job["defense_params"])
     torch.manual_seed(job["seed"])
     model = task.build_model(data).to(device)
