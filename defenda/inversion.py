@@ -20,7 +20,7 @@ Tensors are in model space; shared updates follow :class:`defenda.interfaces.Sha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -35,6 +35,42 @@ if TYPE_CHECKING:
 Cost = Literal["cosine", "l2"]
 
 # --------------------------------------------------------------------------- objectives
+
+
+def matching_loss(
+    observed: Sequence[torch.Tensor],
+    *,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    cost: Cost = "cosine",
+) -> Callable[[Sequence[torch.Tensor]], torch.Tensor]:
+    """The distance to ``observed`` as a function of a candidate's tensors (see
+    :func:`gradient_matching_loss`), with the observed side flattened once.
+
+    Attacks call the returned function every iteration; precomputing the observed
+    vector and its norm keeps the per-iteration cost close to a bare PyTorch loop.
+    """
+    if cost not in ("cosine", "l2"):
+        raise ValueError(f"unknown cost {cost!r}; use 'cosine' or 'l2'")
+    mask_flat = None
+    if masks is not None:
+        mask_flat = torch.cat([(torch.ones_like(g) if m is None else m).flatten() for g, m in zip(observed, masks)])
+    g_flat = torch.cat([g.flatten() for g in observed])
+    if mask_flat is not None:
+        g_flat = g_flat * mask_flat
+    g_norm = g_flat.norm()
+    n = len(observed)
+
+    def loss(pred_grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(pred_grads) != n:
+            raise ValueError(f"{len(pred_grads)} predicted tensors but {n} observed")
+        p_flat = torch.cat([p.flatten() for p in pred_grads])
+        if mask_flat is not None:
+            p_flat = p_flat * mask_flat
+        if cost == "l2":
+            return (p_flat - g_flat).pow(2).sum()
+        return 1 - (p_flat @ g_flat) / (p_flat.norm() * g_norm).clamp_min(1e-12)
+
+    return loss
 
 
 def gradient_matching_loss(
@@ -58,17 +94,7 @@ def gradient_matching_loss(
     """
     if len(pred_grads) != len(observed):
         raise ValueError(f"{len(pred_grads)} predicted tensors but {len(observed)} observed")
-    if masks is not None:
-        pred_grads = [p if m is None else p * m for p, m in zip(pred_grads, masks)]
-        observed = [g if m is None else g * m for g, m in zip(observed, masks)]
-    if cost == "l2":
-        return sum(((p - g) ** 2).sum() for p, g in zip(pred_grads, observed))
-    if cost != "cosine":
-        raise ValueError(f"unknown cost {cost!r}; use 'cosine' or 'l2'")
-    dot = sum((p * g).sum() for p, g in zip(pred_grads, observed))
-    pnorm = sum(p.pow(2).sum() for p in pred_grads)
-    gnorm = sum(g.pow(2).sum() for g in observed)
-    return 1 - dot / (pnorm.sqrt() * gnorm.sqrt()).clamp_min(1e-12)
+    return matching_loss(observed, masks=masks, cost=cost)(pred_grads)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -105,9 +131,10 @@ def parameter_gradients(
     Differentiable with respect to ``x`` when ``create_graph`` (double backprop).
     ``y`` is ``(B,)`` class indices or ``(B, K)`` soft targets.
     """
-    names, params = _params(model)
-    logits = functional_call(model, dict(zip(names, params)), (x,))
-    return _grads(loss_fn(logits, y), params, create_graph)
+    # autograd.grad never accumulates into .grad, so the model's own parameters can be used
+    # directly (no functional_call per iteration: it costs more than the small models' math).
+    params = list(model.parameters())
+    return _grads(loss_fn(model(x), y), params, create_graph)
 
 
 def simulate_delta(

@@ -14,7 +14,7 @@ from defenda.interfaces import Attack, Knowledge, Reconstruction, Requirements, 
 from defenda.inversion import (
     clamp_box,
     estimate_batch_size,
-    gradient_matching_loss,
+    matching_loss,
     multistep_schedule,
     predicted_update,
     pruning_masks,
@@ -102,9 +102,10 @@ class Geiping(Attack):
         box = knowledge.box if (p.boxed and image) else None
         lr = p.local_lr or knowledge.lr or None
 
+        distance = matching_loss(observed, masks=masks, cost=p.cost)  # type: ignore[arg-type]
+
         def objective(x: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
-            pred = predicted_update(model, x, labels, update, lr=lr, create_graph=create_graph)
-            loss = gradient_matching_loss(pred, observed, masks=masks, cost=p.cost)  # type: ignore[arg-type]
+            loss = distance(predicted_update(model, x, labels, update, lr=lr, create_graph=create_graph))
             if image and p.tv > 0:
                 loss = loss + p.tv * total_variation(x)
             return loss

@@ -1,0 +1,153 @@
+"""Harness benchmarks (medians over repeats; the machine is noisy, so read the ratios).
+
+* Geiping's time per iteration through defenda against a bare PyTorch loop of the
+  same math (sign-Adam on the global cosine + TV, boxed, step schedule), same run.
+* 2 local workers against 1 on the same study (speed-up).
+* ``--full``: wall time of the whole default study (``defenda run`` into a temp dir).
+
+Run: ``.venv/bin/python benchmarks/bench_harness.py [--repeats 5] [--full]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+
+def _digit_case(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[torch.Tensor], object]:
+    from defenda.client import gradient
+    from defenda.data import load_digits_task
+    from defenda.models import SmallCNN
+
+    data = load_digits_task()
+    torch.manual_seed(seed)
+    model = SmallCNN(1, 8, 10)
+    x, y = data.train[0][seed:seed + 1], data.train[1][seed:seed + 1]
+    return model, x, y, gradient(model, x, y), data
+
+
+def bare_loop(model: torch.nn.Module, y: torch.Tensor, grads: list[torch.Tensor], lo: torch.Tensor,
+              hi: torch.Tensor, iterations: int, tv: float = 1e-4) -> torch.Tensor:
+    """The same math as Geiping's attack, written as a plain PyTorch loop."""
+    params = list(model.parameters())
+    x = torch.randn((1, *lo.shape)).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.1)
+    n = iterations
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [3 * n // 8, 5 * n // 8, 7 * n // 8], gamma=0.1)
+    g_flat = torch.cat([g.flatten() for g in grads])
+    for _ in range(n):
+        opt.zero_grad()
+        pred = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+        p_flat = torch.cat([p.flatten() for p in pred])
+        loss = 1 - (p_flat @ g_flat) / (p_flat.norm() * g_flat.norm())
+        loss = loss + tv * ((x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean())
+        x.grad, = torch.autograd.grad(loss, x)
+        x.grad.sign_()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+    return x.detach()
+
+
+def geiping_overhead(repeats: int, iterations: int) -> dict[str, float]:
+    from defenda.interfaces import Knowledge, SharedUpdate
+    from defenda_attacks.geiping import Geiping
+
+    model, x, y, grads, data = _digit_case()
+    model.eval()
+    lo, hi = data.box  # type: ignore[attr-defined]
+    know = Knowledge(input_shape=data.input_shape, num_classes=10, task_kind="image",  # type: ignore[attr-defined]
+                     mean=data.mean, std=data.std, granted=frozenset({"batch_size", "labels"}),  # type: ignore
+                     batch_size=1, labels=y)
+    update = SharedUpdate(grads, [n for n, _ in model.named_parameters()])
+    attack = Geiping(iterations=iterations)
+    ours, bare = [], []
+    for r in range(repeats):  # interleaved, so both see the same machine load
+        torch.manual_seed(r)
+        t = time.perf_counter()
+        attack.reconstruct(update, model, know)
+        ours.append((time.perf_counter() - t) / iterations)
+        torch.manual_seed(r)
+        t = time.perf_counter()
+        bare_loop(model, y, grads, lo, hi, iterations)
+        bare.append((time.perf_counter() - t) / iterations)
+    m_ours, m_bare = statistics.median(ours), statistics.median(bare)
+    return {"geiping_ms_per_iter": 1e3 * m_ours, "bare_ms_per_iter": 1e3 * m_bare, "overhead_ratio": m_ours / m_bare}
+
+
+WORKER_STUDY = """
+[study]
+name = "bench-workers"
+seeds = [0, 1, 2, 3, 4, 5, 6, 7]
+rounds = 60
+[task]
+name = "digits"
+[[attacks]]
+name = "geiping"
+iterations = 300
+[[defenses]]
+name = "none"
+[[defenses]]
+name = "gaussian-noise"
+std = 0.01
+"""
+
+
+def _run_cli(args: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "defenda.cli", *args, "--no-progress"], check=True,
+                   capture_output=True)
+    return time.perf_counter() - t
+
+
+def worker_speedup(repeats: int) -> dict[str, float]:
+    one, two = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        study = Path(tmp) / "s.toml"
+        study.write_text(WORKER_STUDY)
+        for r in range(repeats):
+            one.append(_run_cli(["run", str(study), "--out", f"{tmp}/w1-{r}", "--workers", "1"]))
+            two.append(_run_cli(["run", str(study), "--out", f"{tmp}/w2-{r}", "--workers", "2"]))
+    m1, m2 = statistics.median(one), statistics.median(two)
+    return {"workers1_s": m1, "workers2_s": m2, "speedup_2_workers": m1 / m2}
+
+
+def full_default(workers: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "defenda.cli", "run", "--out", f"{tmp}/d", "--workers", str(workers),
+                        "--report", f"{tmp}/r", "--no-progress"], check=True)
+        return {f"default_study_s_workers{workers}": time.perf_counter() - t}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--full", action="store_true", help="also time the whole default study")
+    ap.add_argument("--workers", type=int, default=2, help="workers for --full")
+    ap.add_argument("--skip-workers", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results = geiping_overhead(args.repeats, args.iterations)
+    print(json.dumps(results), flush=True)
+    if not args.skip_workers:
+        results |= worker_speedup(max(1, args.repeats // 2))
+        print(json.dumps(results), flush=True)
+    if args.full:
+        results |= full_default(args.workers)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
