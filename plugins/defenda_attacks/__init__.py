@@ -13,5 +13,7 @@ from defenda import hookimpl
 @hookimpl
 def defenda_register_attacks(register: Callable[[type], None]) -> None:
     from defenda_attacks.geiping import Geiping
+    from defenda_attacks.stein import Stein
 
-    register(Geiping)
+    for cls in (Geiping, Stein):
+        register(cls)
