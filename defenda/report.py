@@ -61,8 +61,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, 
                 grid = _grid(store, sub[sub["attack"] == attack], task, attack, out)
                 if grid is not None:
                     lines += [f"### Reconstructions: `{attack}` on `{task}`", "",
-                              "Top row: ground truth; then one row per defense strength (seed "
-                              f"{int(sub['seed'].min())}, first images of the batch).", "",
+                              "Top row: ground truth; then one row per defense strength with its median "
+                              "PSNR; columns are the first images of each seed's batch.", "",
                               f"![grid {attack}]({grid.name})", ""]
     lines += _problems(df)
     index = out / "index.md"
@@ -144,7 +144,7 @@ def _tradeoff_figure(sub: Any, task: str, metric: str, out: Path) -> Path:
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"Privacy/utility trade-off on {task} (median over seeds; bars: min–max)")
+    fig.suptitle(f"Privacy/utility on {task}\n(median over seeds; bars: min–max)", fontsize=10)
     fig.tight_layout()
     path = out / f"tradeoff_{task}_{metric}.png"
     fig.savefig(path, dpi=130)
@@ -167,26 +167,37 @@ def _table(sub: Any, metric: str) -> str:
 
 
 def _grid(store: Store, sub: Any, task: str, attack: str, out: Path, max_images: int = 8) -> Path | None:
-    """Ground truth row, then one reconstruction row per (defense, strength), from the smallest seed."""
-    seed = sub["seed"].min()
-    pick = sub[sub["seed"] == seed].sort_values(["defense", "strength", "batch_size"])
-    pick = pick.assign(order=pick["defense"] != "none").sort_values(["order", "defense", "strength"])
+    """Ground truth row, then one row per (defense, strength): the first images of each seed's batch.
+
+    Batches are drawn as a prefix of one seeded permutation, so a seed's first image is
+    the same whatever the batch size; columns therefore line up across rows.
+    """
+    seeds = sorted(sub["seed"].unique())
+    per_seed = max(1, max_images // len(seeds))
+    groups = sub.assign(order=sub["defense"] != "none", s=sub["strength"].fillna(-1.0))
     rows: list[tuple[str, np.ndarray]] = []
     truth: np.ndarray | None = None
-    for _, r in pick.iterrows():
-        arrays = store.load_arrays(r["key"])
-        if arrays is None:
+    for (_, defense, strength), g in groups.groupby(["order", "defense", "s"], sort=True):
+        truths, recons, psnrs = [], [], []
+        for _, r in g.sort_values("seed").iterrows():
+            arrays = store.load_arrays(r["key"])
+            if arrays is None:
+                continue
+            truths.append(arrays["truth"][:per_seed])
+            recons.append(arrays["recon"][:per_seed])
+            psnrs.append(r["psnr"])
+        if not recons:
             continue
         if truth is None:
-            truth = arrays["truth"][:max_images]
+            truth = np.concatenate(truths)[:max_images]
             rows.append(("ground truth", truth))
-        label = f"{_label(r['defense'], r['strength'])} (B={r['batch_size']}, {r['psnr']:.1f} dB)"
-        rows.append((label, arrays["recon"][:max_images]))
+        label = f"{_label(defense, None if strength == -1.0 else strength)}\n{np.nanmedian(psnrs):.1f} dB"
+        rows.append((label, np.concatenate(recons)[:max_images]))
     if truth is None:
         return None
     plt = _plt()
     ncol = max(len(imgs) for _, imgs in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.1 * ncol + 2.2, 1.1 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(0.9 * ncol + 1.8, 0.95 * len(rows)), squeeze=False)
     for i, (label, imgs) in enumerate(rows):
         for j in range(ncol):
             ax = axes[i][j]
@@ -199,9 +210,10 @@ def _grid(store: Store, sub: Any, task: str, attack: str, out: Path, max_images:
             else:
                 ax.axis("off")
         axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.tight_layout()
+    fig.suptitle(f"{attack} on {task}: columns are seeds {', '.join(str(s) for s in seeds[:ncol])}", fontsize=8)
+    fig.subplots_adjust(left=0.3, wspace=0.05, hspace=0.1)
     path = out / f"grid_{task}_{attack}.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

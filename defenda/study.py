@@ -29,7 +29,7 @@ STUDY_KEYS: dict[str, tuple[type | tuple[type, ...], str, Any]] = {
     "name": (str, "a string", "study"),
     "seeds": (list, "a non-empty list of integers", [0]),
     "batch_sizes": (list, "a non-empty list of positive integers", [1]),
-    "rounds": (int, "a non-negative integer (FL rounds of utility training)", 100),
+    "rounds": (int, "a non-negative integer (FL rounds of utility training)", 300),
     "client_batch_size": (int, "a positive integer (batch size of utility training)", 32),
     "lr": ((int, float), "a positive number (client/server learning rate)", 0.1),
     "update": (str, "'gradient' (FedSGD) or 'delta' (FedAvg)", "gradient"),
@@ -56,6 +56,8 @@ class PluginConfig:
     name: str
     params: dict[str, Any]
     strength: float | None = None
+    #: an attack table's own ``batch_sizes`` (overrides [study] batch_sizes for that attack)
+    batch_sizes: tuple[int, ...] | None = None
 
     def label(self) -> str:
         return self.name if self.strength is None else f"{self.name}@{self.strength:g}"
@@ -79,10 +81,9 @@ class Study:
         """Every cell of the grid as a JSON-friendly trial spec with a stable ``key``."""
         s = self.settings
         out = []
-        for task, attack, defense, bs, seed in itertools.product(
-            self.tasks, self.attacks, self.defenses, s["batch_sizes"], s["seeds"]
-        ):
-            out.append(make_trial(s, task, attack, defense, bs, seed))
+        for task, attack, defense in itertools.product(self.tasks, self.attacks, self.defenses):
+            for bs, seed in itertools.product(attack.batch_sizes or s["batch_sizes"], s["seeds"]):
+                out.append(make_trial(s, task, attack, defense, bs, seed))
         return out
 
 
@@ -148,8 +149,8 @@ def _parse(raw: Any, registry: Registry, source: str) -> Study:
     allowed = {"study", *PLUGIN_SECTIONS}
     for key in raw:
         if key not in allowed:
-            raise _fail(source, f"[{key}]", f"unknown section; allowed: [study], [task] (or [[tasks]]), "
-                                            f"[[attacks]], [[defenses]]")
+            raise _fail(source, f"[{key}]", "unknown section; allowed: [study], [task] (or [[tasks]]), "
+                                            "[[attacks]], [[defenses]]")
     if "task" in raw and "tasks" in raw:
         raise _fail(source, "[task]", "give either [task] or [[tasks]], not both")
     settings = _parse_settings(raw.get("study", {}), source)
@@ -223,26 +224,42 @@ def _parse_plugin_tables(tables: Any, section: str, kind: str, registry: Registr
         name = table.get("name")
         if not isinstance(name, str):
             raise _fail(source, where, f"needs name = \"…\"; registered {kind}s: {', '.join(registry.names(kind))}")
-        rest = {k: v for k, v in table.items() if k != "name"}
+        rest = {k: v for k, v in table.items() if k not in ("name", "batch_sizes")}
+        own_sizes = _own_batch_sizes(table, kind, f"{where} ('{name}')", source)
         try:
             if kind == "defense" and is_composed(name):
-                configs.extend(_expand_composed(registry, name, rest))
+                expanded = _expand_composed(registry, name, rest)
             else:
-                configs.extend(_expand(registry.get(kind, name).cls, kind, name, rest))
+                expanded = _expand(registry.get(kind, name).cls, kind, name, rest)
+            configs.extend(dataclasses.replace(c, batch_sizes=own_sizes) for c in expanded)
         except (ParamError, DefendaError) as exc:
             raise _fail(source, f"{where} ('{name}')", str(exc)) from None
     return configs
+
+
+def _own_batch_sizes(table: dict[str, Any], kind: str, where: str, source: str) -> tuple[int, ...] | None:
+    """An attack table's ``batch_sizes`` (batch sizes where they matter for that attack)."""
+    if "batch_sizes" not in table:
+        return None
+    value = table["batch_sizes"]
+    if kind != "attack":
+        raise _fail(source, where, "batch_sizes can be set in [study] or in an [[attacks]] table only")
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value) or len(set(value)) != len(value):
+        raise _fail(source, f"{where} key 'batch_sizes'", f"expected a non-empty list of distinct positive "
+                                                          f"integers, got {value!r}")
+    return tuple(value)
 
 
 def _is_tuple_param(tp: Any) -> bool:
     return typing.get_origin(tp) is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(tp))
 
 
-def _expand(cls: type, kind: str, name: str, values: dict[str, Any]) -> list[PluginConfig]:
+def _expand(cls: Any, kind: str, name: str, values: dict[str, Any]) -> list[PluginConfig]:
     """All parameter combinations of one plugin table (list values are sweeps)."""
     infos = {p.name: p for p in describe(cls.Params)}
     strength = strength_param(cls.Params) if kind == "defense" else None
-    if strength is not None and strength.name not in values and getattr(cls, "default_sweep", ()):
+    if strength is not None and strength.name not in values and getattr(cls, "default_sweep", None):
         values = {**values, strength.name: list(cls.default_sweep)}
     axes: dict[str, list[Any]] = {}
     for key, value in values.items():
@@ -293,7 +310,8 @@ def check_against_data(study: Study, registry: Registry) -> None:
         n = len(data.train[0])
         for defense in study.defenses:
             chosen = make_defense(registry, defense.name, defense.params)
-            size = max(chosen.client_batch_size(b) for b in study.settings["batch_sizes"])
+            wanted = {b for a in study.attacks for b in (a.batch_sizes or study.settings["batch_sizes"])}
+            size = max(chosen.client_batch_size(b) for b in wanted)
             if size > n:
                 raise StudyError(f"{study.source}: batch size {size} ({defense.label()}) is larger than task "
                                  f"'{task.name}' has training samples ({n}); use smaller batch_sizes")

@@ -100,3 +100,19 @@ def test_composed_defense_expands_the_product_of_sweeps(registry) -> None:
     bad["defenses"] = [{"name": "none+none"}]
     with pytest.raises(StudyError, match="distinct defenses"):
         parse_study(bad, registry)
+
+
+def test_an_attack_can_set_its_own_batch_sizes(registry) -> None:
+    raw = copy.deepcopy(TINY_STUDY)
+    raw["attacks"].append({"name": "geiping", "iterations": 3, "batch_sizes": [2, 4]})
+    trials = parse_study(raw, registry).trials()
+    sizes = sorted({(t["attack_params"]["iterations"], t["batch_size"]) for t in trials})
+    assert sizes == [(3, 2), (3, 4), (10, 1)]
+    bad = copy.deepcopy(TINY_STUDY)
+    bad["attacks"][0]["batch_sizes"] = [0]
+    with pytest.raises(StudyError, match="key 'batch_sizes'"):
+        parse_study(bad, registry)
+    bad = copy.deepcopy(TINY_STUDY)
+    bad["defenses"][0]["batch_sizes"] = [2]
+    with pytest.raises(StudyError, match="in an \\[\\[attacks\\]\\] table only"):
+        parse_study(bad, registry)
