@@ -27,6 +27,8 @@ METRIC_LABELS = {
     "label_acc": "leakage: label accuracy ↑ worse privacy",
     "mae": "leakage: MAE of features (std units) ↓ worse privacy",
 }
+#: the utility loss at which defenses are compared in the "privacy at equal utility" table
+EQUAL_UTILITY_DROP = 0.02
 HIGHER_IS_WORSE = {"psnr": True, "ssim": True, "label_acc": True, "lpips": False, "mae": False, "mse": False}
 
 
@@ -56,7 +58,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, 
             m = metric if sub[metric].notna().any() else "mae"
             fig = _tradeoff_figure(sub, task, m, out)
             lines += [f"## Task `{task}`", "", f"![trade-off {task}]({fig.name})", "",
-                      _table(sub, m), ""]
+                      "### Privacy at equal utility", "",
+                      f"For each defense, the strength whose median test accuracy is closest to "
+                      f"{EQUAL_UTILITY_DROP * 100:g} points below the undefended model, and the worst-case "
+                      f"leakage there (the strongest attack per update).", "",
+                      _equal_utility(sub, m), "", "### All cells", "", _table(sub, m), ""]
             for attack in sorted(sub["attack"].unique()):
                 grid = _grid(store, sub[sub["attack"] == attack], task, attack, out)
                 if grid is not None:
@@ -67,6 +73,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, 
     lines += _problems(df)
     index = out / "index.md"
     index.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "index.html").write_text(_html(lines, out), encoding="utf-8")
     return index
 
 
@@ -164,6 +171,67 @@ def _table(sub: Any, metric: str) -> str:
         leak = "" if np.isnan(r["leak"]) else f"{r['leak']:.2f}"
         rows.append(f"| {r['attack']} | {r['defense']} | {strength} | {acc} | {eps} | {leak} | {r['n']} |")
     return "\n".join(rows)
+
+
+def _equal_utility(sub: Any, metric: str) -> str:
+    """Leakage of each defense at the strength closest to the target utility loss."""
+    worst = _aggregate(_worst_case(sub, metric), metric)
+    base = worst[worst["defense"] == "none"]
+    if base.empty or base["acc"].isna().all():
+        return "(needs a `none` defense row with utility)"
+    target = float(base["acc"].iloc[0]) - EQUAL_UTILITY_DROP
+    rows = [f"| defense | strength | test acc (target {target:.3f}) | ε | worst-case {metric} |",
+            "|---|---|---|---|---|",
+            f"| none | | {float(base['acc'].iloc[0]):.3f} | | {float(base['leak'].iloc[0]):.2f} |"]
+    for defense, d in worst[worst["defense"] != "none"].groupby("defense"):
+        d = d.dropna(subset=["acc"])
+        if d.empty:
+            continue
+        r = d.loc[(d["acc"] - target).abs().idxmin()]
+        eps = "" if r["eps"] is None or np.isnan(r["eps"]) else f"{r['eps']:.3g}"
+        strength = "" if np.isnan(r["strength"]) else f"{r['strength']:g}"
+        rows.append(f"| {defense} | {strength} | {r['acc']:.3f} | {eps} | {r['leak']:.2f} |")
+    return "\n".join(rows)
+
+
+def _html(lines: list[str], out: Path) -> str:
+    """A self-contained HTML version of index.md (figures embedded as data URIs)."""
+    import base64
+    import html
+    import re
+
+    body: list[str] = []
+    table: list[str] = []
+
+    def flush() -> None:
+        if table:
+            cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table
+                     if not re.fullmatch(r"[|\-\s]+", row)]
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        image = re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip())
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip().replace('`', ''))}</h{level}>")
+        elif image and (out / image.group(2)).suffix == ".png" and (out / image.group(2)).exists():
+            data = base64.b64encode((out / image.group(2)).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">')
+        elif line.strip():
+            text = re.sub(r"\[([^]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', html.escape(line))
+            body.append(f"<p>{text.replace('`', '')}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #999;padding:2px 6px;font-size:13px}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>defenda report</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>\n"
 
 
 def _grid(store: Store, sub: Any, task: str, attack: str, out: Path, max_images: int = 8) -> Path | None:

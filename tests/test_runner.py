@@ -172,6 +172,9 @@ def test_report_has_tradeoff_and_grids(tmp_path: Path) -> None:
     index = write_report(tmp_path)
     text = index.read_text()
     assert "tradeoff_digits_psnr.png" in text and "grid_digits_geiping.png" in text
+    assert "Privacy at equal utility" in text and "| gaussian-noise |" in text
+    page = (index.parent / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
     for name in ("tradeoff_digits_psnr.png", "tradeoff_digits_psnr.svg", "grid_digits_geiping.png",
                  "results.csv", "results.parquet"):
         assert (index.parent / name).stat().st_size > 0
