@@ -13,7 +13,8 @@ from defenda import hookimpl
 @hookimpl
 def defenda_register_attacks(register: Callable[[type], None]) -> None:
     from defenda_attacks.geiping import Geiping
+    from defenda_attacks.spear import Spear
     from defenda_attacks.stein import Stein
 
-    for cls in (Geiping, Stein):
+    for cls in (Geiping, Spear, Stein):
         register(cls)

@@ -1,0 +1,862 @@
+"""SPEAR's algebra as plain tensor functions (no plugin machinery).
+
+Dimitrov, Baader, Müller, Vechev, "SPEAR: Exact Gradient Inversion of Batches
+in Federated Learning", NeurIPS 2024.
+
+Setting. A layer ``Z = W X + b 1ᵀ`` followed by ReLU, with ``W`` m×n, the batch
+``X`` n×B (columns are samples) and ``G = ∂L/∂Z`` (m×B). The server knows
+``W``, ``b`` and observes ``∂L/∂W = G Xᵀ`` (m×n, rank B) and ``∂L/∂b = G 1``.
+For any factorisation ``∂L/∂W = L R`` (here ``L = U_B S_B``, ``R = V_Bᵀ``) there
+is an invertible ``Q`` (B×B) with ``G = L Q`` and ``Xᵀ = Q⁻¹ R``. ReLU makes
+``G`` sparse: ``G[r, i] = 0`` whenever neuron r is inactive for sample i.
+
+Recovery, in this implementation (float64 throughout):
+
+1. SVD of ``∂L/∂W``; the batch size is the numerical rank unless given;
+   dead neurons (zero rows) are excluded.
+2. *Peeling* (exact, polynomial; not in the paper). A row r of the gradient that
+   only one sample j activates gives that sample exactly:
+   ``x_j = (∂L/∂W)[r] / (∂L/∂b)[r]``. Every such candidate is verified exactly
+   (below); verified samples are subtracted from the gradient
+   (``∂L/∂W −= g_j x_jᵀ``, ``∂L/∂b −= g_j``), which turns rows they shared with one
+   other sample into new single-sample rows. A candidate that mixes in a little of
+   another found sample is purified exactly (``_purify``). Real images are
+   correlated, so a neuron's activity across a batch is close to a threshold on
+   one direction and single-sample rows are common: digits batches of B = 4…48
+   peel completely in 2–5 rounds.
+3. *Sampling* (the paper's search), on what peeling leaves (B' samples): random
+   (B'−1)-row submatrices of ``L``; the null vector ``q`` of each is a column of
+   ``Q`` when all rows are inactive for one sample. Proposals are solved in
+   vectorised chunks (batched LU in torch), rejected early on a probe of rows,
+   filtered by the sparsity of ``L q`` (threshold calibrated to the number of
+   alive neurons), deduplicated, and kept only when their zero set is maximal.
+4. *Selection*: greedy by sparsity, then swaps scored by the number of samples
+   that pass the exactness test. The last two columns need no sampling: with
+   B'−1 columns known the last sample follows from the bias gradient; with B'−2
+   the two missing samples lie on a known line, scanned once (``_two_missing``).
+5. Scale and sign of each column from ``∂L/∂b = L Q 1``; inputs ``Xᵀ = Q⁻¹ R``,
+   recomputed in the full basis once every column is known.
+
+Exactness test (the ReLU-consistency score). A candidate input ``x`` is exact
+when the alive rows on which ``W x + b < 0`` span at most B−1 dimensions of the
+row space of ``L`` (their null vector is then the column ``q`` of that sample)
+and the zero set of ``L q`` agrees with the inactive set of ``x``. Wrong
+candidates fail it; the count of samples that pass is ``n_exact``.
+
+Under noise (DP, noise defenses) no test passes; peeling then accepts rows whose
+candidate is nearly consistent (``_approx_peel``) and the attack returns the best
+batch it can assemble, flagged as approximate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["SpearConfig", "SpearResult", "spear_recover", "estimate_rank", "sparsity_threshold", "verify_inputs"]
+
+
+@dataclass
+class SpearConfig:
+    """Knobs of :func:`spear_recover` (the plugin's ``Params`` map onto these).
+
+    ``rank_tol`` / ``zero_tol``: None picks them from the gradient's precision
+    (1e-10 / 1e-8 for float64, 1e-5 / 1e-5 below). ``sparsity_threshold`` 0 means
+    calibrated: the ``false_rejection`` quantile of Binomial(alive, p).
+    """
+
+    max_proposals: int = 10_000_000
+    time_budget_s: float = 60.0
+    chunk_size: int = 4096
+    rank_tol: float | None = None
+    zero_tol: float | None = None
+    sparsity_threshold: float = 0.0
+    false_rejection: float = 1e-9
+    min_sparsity: float = 0.05
+    probe_rows: int = 64
+    peel: bool = True
+    max_swaps: int = 100
+    approx_max_proposals: int = 20_000
+    seed: int = 0
+
+
+@dataclass
+class SpearResult:
+    """What :func:`spear_recover` found.
+
+    :ivar inputs: ``(B̂, n)`` float64, the recovered layer inputs (one per row).
+    :ivar grad_z: ``(m, B̂)`` the per-sample ``∂L/∂z`` columns (``G``), or None.
+    :ivar exact: ``(B̂,)`` bool, samples that passed the exactness test.
+    :ivar batch_size: B̂, the batch size used (given or estimated from the rank).
+    :ivar rank: the numerical rank of ``∂L/∂W``.
+    :ivar proposals: submatrices tried by the sampling stage.
+    :ivar timings: seconds per stage.
+    :ivar approximate: True when the gradient had no exact low-rank structure (noise).
+    """
+
+    inputs: torch.Tensor
+    grad_z: torch.Tensor | None
+    exact: torch.Tensor
+    batch_size: int
+    rank: int
+    proposals: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    n_peeled: int = 0
+    n_sampled: int = 0
+    approximate: bool = False
+    message: str = ""
+
+    @property
+    def n_exact(self) -> int:
+        return int(self.exact.sum())
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _precision_tols(dtype: torch.dtype) -> tuple[float, float]:
+    """(rank_tol, zero_tol) suited to the precision the gradient was computed in."""
+    if dtype == torch.float64:
+        return 1e-10, 1e-8
+    return 1e-5, 1e-5
+
+
+def estimate_rank(s: torch.Tensor, rank_tol: float) -> int:
+    """Numerical rank: singular values above ``rank_tol · s_1``; the largest spectral gap when none stands out."""
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    rel = s / s[0]
+    r = int((rel > rank_tol).sum())
+    if r < s.numel():
+        return r
+    # no singular value below the tolerance (noise): cut at the largest gap
+    logs = torch.log(rel.clamp_min(1e-300))
+    gaps = logs[:-1] - logs[1:]
+    return int(torch.argmax(gaps)) + 1 if gaps.numel() else r
+
+
+def sparsity_threshold(n_alive: int, p_inactive: float = 0.5, false_rejection: float = 1e-9) -> int:
+    """Zero count a true column of ``G`` exceeds with probability 1 − ``false_rejection``.
+
+    The lower ``false_rejection`` quantile of Binomial(``n_alive``, ``p_inactive``):
+    about 0.40·n for 1000 alive neurons, 0.29·n for 200.
+    """
+    if n_alive <= 0:
+        return 0
+    from scipy.stats import binom
+
+    k = int(binom.ppf(false_rejection, n_alive, p_inactive))
+    return max(k, 0)
+
+
+def _nullvec(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right singular vector of the smallest singular value of ``M`` (k×B), and the singular values."""
+    if M.shape[0] == 0:
+        v = torch.zeros(M.shape[1], dtype=M.dtype)
+        v[0] = 1
+        return v, torch.zeros(M.shape[1], dtype=M.dtype)
+    _, s, vh = torch.linalg.svd(M, full_matrices=True)
+    full = torch.zeros(M.shape[1], dtype=M.dtype)
+    full[: s.numel()] = s
+    return vh[-1], full
+
+
+class _Full:
+    """The full problem: SVD basis, the layer's W, b, alive rows, tolerances."""
+
+    def __init__(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+                 alive: torch.Tensor, zero_tol: float) -> None:
+        self.U, self.S, self.Vh = U, S, Vh
+        self.W, self.b = W, b
+        self.alive = alive
+        self.B = U.shape[1]
+        self.zero_tol = zero_tol
+        self.rownorm = U.norm(dim=1).clamp_min(1e-300)
+        Ua = U * alive[:, None]
+        self.outer = (Ua[:, :, None] * Ua[:, None, :]).reshape(U.shape[0], -1)  # m × B²
+        self.smin_tol = 10 * zero_tol
+        self.z_tol = zero_tol
+        # in float32 a few genuinely small entries of G sit near the zero threshold
+        self.clash_slack = 0 if zero_tol < 1e-6 else min(2, int(0.005 * int(alive.sum())))
+
+    def verify(self, X: torch.Tensor, *, want_nullity_one: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exactness test for candidate inputs ``X`` (C×n).
+
+        :returns: ``ok`` (C,) bool and the unit null vectors ``qt`` (C×B) in the
+            basis of ``U`` (the G column is ``U @ qt``), zero rows where not ok.
+        """
+        C = X.shape[0]
+        B = self.B
+        ok = torch.zeros(C, dtype=torch.bool)
+        qt = torch.zeros(C, B, dtype=torch.float64)
+        if C == 0:
+            return ok, qt
+        Z = X @ self.W.T + self.b
+        zs = Z.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+        inact = (Z < -self.z_tol * zs) & self.alive
+        act = (Z > self.z_tol * zs) & self.alive
+        cnt = inact.sum(1)
+        gram = (inact.to(torch.float64) @ self.outer).reshape(C, B, B)
+        lam = torch.linalg.eigvalsh(gram)
+        # eigenvalues of a Gram matrix are accurate to ~1e-16 of the largest; exact nullity shows as λ ≈ 0
+        pre = (lam[:, 0] < max(4 * self.smin_tol**2, 1e-13)) & (cnt >= B - 1)
+        for c in torch.nonzero(pre).flatten().tolist():
+            M = self.U[inact[c]]
+            v, s = _nullvec(M)
+            if s[-1] > self.smin_tol:
+                continue
+            if want_nullity_one and B >= 2 and s[-2] <= self.smin_tol:
+                continue  # the inactive rows do not pin the column down
+            g = self.U @ v
+            zero = (g.abs() <= self.zero_tol * self.rownorm) & self.alive
+            clash = int((zero & act[c]).sum())
+            if clash > self.clash_slack:
+                continue
+            ok[c] = True
+            qt[c] = v
+        return ok, qt
+
+    def g_column(self, x: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
+        """The scaled G column of an exact sample ``x`` with null vector ``qt``: ``a_jᵀ q_j = 1``."""
+        a = self.Vh @ x  # coordinates of x in the row space
+        q = qt / self.S
+        denom = a @ q
+        return (self.U @ qt) / denom
+
+
+def verify_inputs(dW: torch.Tensor, W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, *, batch_size: int | None = None,
+                  rank_tol: float | None = None, zero_tol: float | None = None) -> torch.Tensor:
+    """Which rows of ``X`` (k×n) are exact inputs of the batch that produced ``dW`` (bool per row)."""
+    rt, zt = _precision_tols(dW.dtype)
+    rank_tol = rank_tol or rt
+    zero_tol = zero_tol or zt
+    dW = dW.detach().to(torch.float64)
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    B = batch_size or estimate_rank(S, rank_tol)
+    alive = dW.abs().amax(1) > 0
+    full = _Full(U[:, :B], S[:B], Vh[:B], W.detach().double(), b.detach().double(), alive, zero_tol)
+    return full.verify(X.detach().double())[0]
+
+
+def _group(X: torch.Tensor, rel: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Representatives of groups of rows of ``X`` closer than ``rel`` (relative), and group sizes."""
+    if X.shape[0] <= 1:
+        return torch.arange(X.shape[0]), torch.ones(X.shape[0], dtype=torch.long)
+    nrm = X.norm(dim=1).clamp_min(1e-300)
+    D = torch.cdist(X, X, compute_mode="donot_use_mm_for_euclid_dist")
+    close = D <= rel * torch.maximum(nrm[:, None], nrm[None, :])
+    first = close.to(torch.int8).argmax(dim=1)
+    rep, counts = torch.unique(first, return_counts=True)
+    return rep, counts
+
+
+def _purify(Xc: torch.Tensor, Qt: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inputs and G columns of found samples from candidates that may mix in other found samples.
+
+    Each candidate ``x'_j = Σ_l w_jl x_l`` is an affine combination (``Σ_l w_jl = 1``) dominated by
+    its own sample; ``Qt`` (B×F) holds the exact columns of Q (basis of ``U``). With
+    ``M = A' Q̂`` (``a' = Vh x'``) and ``v = M⁻¹ 1``: ``a_k = (M⁻¹ A')_k / v_k``, ``q_k = q̂_k v_k``.
+    Exact when every sample mixed into a candidate is among the found ones.
+    """
+    Qh = Qt / S[:, None]  # B × F, columns q̂_k
+    Ap = Xc @ Vh.T  # F × B, rows a'_j
+    M = Ap @ Qh  # F × F
+    try:
+        v = torch.linalg.solve(M, torch.ones(M.shape[0], dtype=M.dtype))
+        A = torch.linalg.solve(M, Ap) / v[:, None]
+    except RuntimeError:
+        d = torch.diagonal(M)
+        v = 1 / d
+        A = Ap
+    X = A @ Vh
+    G = (U @ Qt) * v[None, :]
+    return X, G
+
+
+def _assemble(Ghat: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, db: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Inputs and scaled G from column directions ``Ghat`` (m×k) in a rank-k problem ``U S Vh``.
+
+    ``q_j = S⁻¹ Uᵀ ĝ_j``; scales from the bias gradient ``Q s = S⁻¹ Uᵀ ∂L/∂b``; ``X = Q⁻¹ Vh``.
+    """
+    Qh = (U.T @ Ghat) / S[:, None]
+    try:
+        s = torch.linalg.solve(Qh, (U.T @ db) / S)
+    except RuntimeError:
+        return None
+    s = torch.where(s.abs() < 1e-300, torch.full_like(s, 1e-300), s)
+    Q = Qh * s[None, :]
+    try:
+        X = torch.linalg.solve(Q, Vh)
+    except RuntimeError:
+        return None
+    return X, Ghat * s[None, :]
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+class _Sampler:
+    """Random (B'−1)-row submatrices of a rank-B' problem, solved in vectorised chunks.
+
+    Each proposal's null vector comes from one batched LU solve (after a random
+    rotation of the basis, so the pivot column is generic); a probe of rows
+    rejects most proposals before the full sparsity count.
+    """
+
+    def __init__(self, U: torch.Tensor, alive: torch.Tensor, zero_tol: float, cfg: SpearConfig,
+                 gen: torch.Generator, tau: int, floor: int, max_pool: int = 4096) -> None:
+        self.Bp = U.shape[1]
+        self.alive_idx = torch.nonzero(alive).flatten()
+        self.Ua = U[self.alive_idx]  # alive rows only
+        self.rown = self.Ua.norm(dim=1).clamp_min(1e-300)
+        self.zero_tol = zero_tol
+        self.cfg = cfg
+        self.gen = gen
+        self.tau = tau
+        self.floor = floor
+        self.max_pool = max_pool
+        na = self.Ua.shape[0]
+        self.pool_q = torch.zeros(0, self.Bp, dtype=torch.float64)
+        self.pool_zero = torch.zeros(0, na, dtype=torch.bool)
+        self.pool_count = torch.zeros(0, dtype=torch.long)
+        self.pool_hits = torch.zeros(0, dtype=torch.long)
+        self.tried = 0
+        self.t_solve = 0.0
+        self.t_filter = 0.0
+
+    # -- proposals ----------------------------------------------------------------------
+    def _proposals(self, C: int, Ur: torch.Tensor, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``C`` unit null vectors (rotated basis) of random (B'−1)-row submatrices, and their probe zero counts."""
+        Bp = self.Bp
+        na = Ur.shape[0]
+        idx = torch.randint(na, (C, Bp - 1), generator=self.gen)
+        M = Ur[idx]  # C × (B'−1) × B'
+        sol, info = torch.linalg.solve_ex(M[:, :, :-1], -M[:, :, -1])
+        q = torch.cat([sol, torch.ones(sol.shape[0], 1, dtype=torch.float64)], dim=1)
+        q = q[(info == 0) & torch.isfinite(q).all(dim=1)]
+        q = q / q.norm(dim=1, keepdim=True)
+        self.tried += C
+        zp = ((Ur[probe] @ q.T).abs() <= self.zero_tol * self.rown[probe, None]).sum(dim=0)
+        return q, zp
+
+    def chunk(self, C: int) -> int:
+        """Try about ``C`` proposals; returns how many new pool entries they added."""
+        Bp = self.Bp
+        na = self.Ua.shape[0]
+        t0 = time.perf_counter()
+        # a random rotation makes the pivot columns generic
+        rot = torch.linalg.qr(torch.randn(Bp, Bp, dtype=torch.float64, generator=self.gen)).Q
+        Ur = self.Ua @ rot
+        P = min(self.cfg.probe_rows, na)
+        probe = torch.randperm(na, generator=self.gen)[:P]
+        q, zp = self._proposals(C, Ur, probe)
+        t1 = time.perf_counter()
+        self.t_solve += t1 - t0
+        # a true column is zero on a large share of the probe rows, a wrong one on almost none
+        need = max(3, int(0.5 * P * self.tau / max(na, 1)))
+        surv = q[zp >= need]
+        added = 0
+        if surv.shape[0]:
+            c = Ur @ surv.T  # na × S
+            zero = c.abs() <= self.zero_tol * self.rown[:, None]
+            cnt = zero.sum(dim=0)
+            keep = cnt >= max(self.floor, Bp)
+            if bool(keep.any()):
+                added = self._add(surv[keep] @ rot.T, zero[:, keep].T, cnt[keep])
+        self.t_filter += time.perf_counter() - t1
+        return added
+
+    def _add(self, q: torch.Tensor, zero: torch.Tensor, cnt: torch.Tensor) -> int:
+        """Merge new columns (deduplicated by |cos| > 1 − 1e-8) into the pool."""
+        q = q / q.norm(dim=1, keepdim=True)
+        same = (q @ q.T).abs() > 1 - 1e-8
+        first = same.to(torch.int8).argmax(dim=1)
+        rep, mult = torch.unique(first, return_counts=True)
+        q, zero, cnt = q[rep], zero[rep], cnt[rep]
+        if self.pool_q.shape[0]:
+            cos = (q @ self.pool_q.T).abs()
+            best, where = cos.max(dim=1)
+            old = best > 1 - 1e-8
+            if bool(old.any()):
+                self.pool_hits.index_add_(0, where[old], mult[old])
+            q, zero, cnt, mult = q[~old], zero[~old], cnt[~old], mult[~old]
+        if q.shape[0] == 0:
+            return 0
+        self.pool_q = torch.cat([self.pool_q, q])
+        self.pool_zero = torch.cat([self.pool_zero, zero])
+        self.pool_count = torch.cat([self.pool_count, cnt])
+        self.pool_hits = torch.cat([self.pool_hits, mult])
+        if self.pool_q.shape[0] > self.max_pool:
+            keep = torch.argsort(self.pool_count, descending=True)[: self.max_pool]
+            self.pool_q, self.pool_zero = self.pool_q[keep], self.pool_zero[keep]
+            self.pool_count, self.pool_hits = self.pool_count[keep], self.pool_hits[keep]
+        return int(q.shape[0])
+
+    def ordered(self, top: int = 512) -> list[int]:
+        """Pool indices whose zero set is maximal (not strictly inside another's), densest zeros first."""
+        n = self.pool_q.shape[0]
+        if n == 0:
+            return []
+        key = self.pool_count * (1 << 20) + self.pool_hits.clamp_max((1 << 20) - 1)
+        idx = torch.argsort(key, descending=True)[:top]
+        Zm = self.pool_zero[idx].to(torch.float64)
+        inter = Zm @ Zm.T
+        cnt = Zm.sum(dim=1)
+        # i is dominated when its zeros are inside j's and j has more
+        dom = (inter >= cnt[:, None] - 0.5) & (cnt[None, :] > cnt[:, None] + 0.5)
+        return [int(idx[i]) for i in range(idx.numel()) if not bool(dom[i].any())]
+
+
+def _two_missing(cols: list[torch.Tensor], U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, db: torch.Tensor,
+                 full: _Full) -> list[torch.Tensor]:
+    """The G columns of the two samples missing when B'−2 columns of Q are known.
+
+    Their dual rows ``a`` lie in the plane orthogonal to the known columns and satisfy
+    ``aᵀ Q 1 = 1`` (bias gradient): a line ``a(t)``. Along it each neuron switches at one
+    ``t``; the exactness test on one point per interval between switches finds the
+    intervals holding the two samples, and their null vectors are the missing columns.
+    """
+    Bp = U.shape[1]
+    if cols:
+        _, _, vh = torch.linalg.svd(torch.stack([c / S for c in cols], 0), full_matrices=True)
+        T = vh[-2:].T  # Bp × 2: the plane orthogonal to the known columns
+    else:
+        T = torch.eye(Bp, dtype=torch.float64)[:, :2]
+    q1 = (U.T @ db) / S
+    c = T.T @ q1
+    cn = float(c.norm())
+    if cn < 1e-300:
+        return []
+    a0 = T @ (c / cn**2)
+    d = T @ torch.stack([-c[1], c[0]]) / cn
+    x0, dx = Vh.T @ a0, Vh.T @ d
+    z0 = full.W @ x0 + full.b
+    dz = full.W @ dx
+    live = full.alive & (dz.abs() > 0)
+    tb = torch.sort(-z0[live] / dz[live]).values
+    if tb.numel() == 0:
+        return []
+    span = float(tb[-1] - tb[0]) + 1.0
+    ts = torch.cat([tb[:1] - span, (tb[1:] + tb[:-1]) / 2, tb[-1:] + span])
+    X = x0[None, :] + ts[:, None] * dx[None, :]
+    out: list[torch.Tensor] = []
+    for start in range(0, X.shape[0], 512):
+        ok, qt = full.verify(X[start : start + 512])
+        for v in qt[ok]:
+            g = full.U @ v
+            if all(abs(float(g @ h)) < (1 - 1e-8) * float(g.norm() * h.norm()) for h in out):
+                out.append(g)
+    return out
+
+
+def _greedy_independent(Qs: list[torch.Tensor], order: list[int], k: int, tol: float = 1e-6) -> list[int]:
+    """First ``k`` entries of ``order`` whose vectors are linearly independent."""
+    basis: list[torch.Tensor] = []
+    sel: list[int] = []
+    for i in order:
+        v = Qs[i].clone()
+        for u in basis:
+            v = v - (u @ v) * u
+        n = float(v.norm())
+        if n > tol:
+            basis.append(v / n)
+            sel.append(i)
+            if len(sel) == k:
+                break
+    return sel
+
+
+# ---------------------------------------------------------------------------- main entry
+
+
+def _approx_peel(full: _Full, dW: torch.Tensor, db: torch.Tensor, B: int, t_start: float, budget_s: float,
+                 accept: float = 1e-3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Peeling for noisy gradients: approximate samples from rows a single sample dominates.
+
+    A candidate ``x = ∂L/∂W[r] / ∂L/∂b[r]`` is scored by the smallest eigenvalue of the
+    Gram matrix of ``U`` on its inactive rows, relative to the mean eigenvalue (about 0
+    for a true sample, the noise level squared under noise). Candidates below ``accept``
+    are grouped by their null vector; each group's sample is the least-squares fit
+    ``x = Σ b_r w_r / Σ b_r²`` over its rows, then subtracted from the gradient.
+    """
+    U, W, b = full.U, full.W, full.b
+    Bd = full.B
+    found_x: list[torch.Tensor] = []
+    found_g: list[torch.Tensor] = []
+    RW, Rb = dW.clone(), db.clone()
+    for _ in range(B):
+        if len(found_x) >= B or time.perf_counter() - t_start > budget_s:
+            break
+        Xc = RW / Rb[:, None]
+        ok = torch.isfinite(Xc).all(dim=1) & (Rb.abs() > 0)
+        ok &= (W * Xc).sum(1) + b > 0
+        if found_x:
+            F = torch.stack(found_x)
+            d = torch.cdist(Xc.nan_to_num(), F, compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
+            ok &= d > 0.05 * F.norm(dim=1).mean()
+        ridx = torch.nonzero(ok).flatten()
+        if ridx.numel() == 0:
+            break
+        Z = Xc[ridx] @ W.T + b
+        inact = Z < 0
+        gram = (inact.to(torch.float64) @ full.outer).reshape(-1, Bd, Bd)
+        lam, vec = torch.linalg.eigh(gram)
+        tr = gram.diagonal(dim1=1, dim2=2).sum(-1) / Bd
+        score = lam[:, 0] / tr.clamp_min(1e-300)
+        score = torch.where(inact.sum(1) >= Bd - 1, score, torch.full_like(score, math.inf))
+        good = torch.nonzero(score < accept).flatten()
+        if good.numel() == 0:
+            break
+        good = good[torch.argsort(score[good])]
+        qs = vec[good, :, 0]
+        groups: list[list[int]] = []
+        heads: list[torch.Tensor] = []
+        for i in range(good.numel()):
+            for gi, h in enumerate(heads):
+                if abs(float(h @ qs[i])) > 0.99:
+                    groups[gi].append(i)
+                    break
+            else:
+                heads.append(qs[i])
+                groups.append([i])
+        new = 0
+        for gi, members in enumerate(groups):
+            if len(found_x) >= B:
+                break
+            rows = ridx[good[members]]
+            x = (Rb[rows, None] * RW[rows]).sum(0) / Rb[rows].pow(2).sum().clamp_min(1e-300)
+            qt = heads[gi]
+            a = full.Vh @ x
+            denom = float(a @ (qt / full.S))
+            if not math.isfinite(denom) or abs(denom) < 1e-300:
+                continue
+            g = (U @ qt) / denom
+            found_x.append(x)
+            found_g.append(g)
+            RW = RW - g[:, None] * x[None, :]
+            Rb = Rb - g
+            new += 1
+        if not new:
+            break
+    return found_x, found_g
+
+
+def spear_recover(
+    dW: torch.Tensor,
+    db: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor,
+    batch_size: int | None = None,
+    config: SpearConfig | None = None,
+    **overrides: Any,
+) -> SpearResult:
+    """Recover the inputs of a Linear→ReLU layer from its weight and bias gradients.
+
+    :param dW: ``∂L/∂W``, shape ``(m, n)`` (PyTorch ``weight.grad`` layout).
+    :param db: ``∂L/∂b``, shape ``(m,)``.
+    :param W: the layer's weight ``(m, n)``; :param b: its bias ``(m,)``.
+    :param batch_size: B when known; otherwise the numerical rank of ``dW``.
+    :param config: a :class:`SpearConfig`; keyword ``overrides`` replace its fields.
+    :returns: a :class:`SpearResult` with ``inputs`` of shape ``(B̂, n)``.
+    """
+    cfg = config or SpearConfig()
+    if overrides:
+        cfg = SpearConfig(**{**cfg.__dict__, **overrides})
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    rt, zt = _precision_tols(dW.dtype)
+    rank_tol = cfg.rank_tol or rt
+    zero_tol = cfg.zero_tol or zt
+
+    dW = dW.detach().to(torch.float64).cpu()
+    db = db.detach().to(torch.float64).cpu().reshape(-1)
+    W = W.detach().to(torch.float64).cpu()
+    b = b.detach().to(torch.float64).cpu().reshape(-1)
+    m, n = dW.shape
+    scale = float(dW.abs().max())
+    if scale == 0 or not math.isfinite(scale):
+        X = torch.zeros(batch_size or 1, n, dtype=torch.float64)
+        return SpearResult(X, None, torch.zeros(X.shape[0], dtype=torch.bool), X.shape[0], 0,
+                           seconds=time.perf_counter() - t_start, approximate=True,
+                           message="the weight gradient is zero or not finite")
+    dW = dW / scale
+    db = db / scale
+
+    # 1. SVD and rank ------------------------------------------------------------------
+    t = time.perf_counter()
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    rank = estimate_rank(S, rank_tol)
+    B = rank if batch_size is None else min(int(batch_size), S.numel())
+    if batch_size is not None and rank < B and rank < S.numel() and float(S[rank]) <= rank_tol * float(S[0]):
+        B = rank  # exact gradient of lower rank (duplicate inputs, a sample with zero gradient)
+    B = max(B, 1)
+    clean = B < S.numel() and float(S[B]) <= rank_tol * float(S[0])
+    timings["svd"] = time.perf_counter() - t
+
+    alive = (dW.abs().amax(dim=1) > 0) | (db.abs() > 0)
+    if not clean:
+        # noisy gradient: every row is alive; zeros are only approximate
+        alive = torch.ones(m, dtype=torch.bool)
+        noise = float(S[B] / S[B - 1]) if B < S.numel() else 1.0
+        zero_tol = max(zero_tol, min(0.5, 3 * noise))
+    Ub, Sb, Vhb = U[:, :B], S[:B], Vh[:B]
+    full = _Full(Ub, Sb, Vhb, W, b, alive, zero_tol)
+
+    found_x: list[torch.Tensor] = []
+    found_g: list[torch.Tensor] = []
+    RW, Rb = dW.clone(), db.clone()
+
+    # 2. peeling ---------------------------------------------------------------------------
+    t = time.perf_counter()
+    cand_x: list[torch.Tensor] = []  # each an affine combination of true samples, dominated by one
+    cand_q: list[torch.Tensor] = []  # its exact column of Q (unit, in the basis of Ub)
+    if cfg.peel and clean:
+        rows = alive.clone()
+        row_ref = dW.norm(dim=1).clamp_min(1e-300)
+        while len(cand_x) < B:
+            if time.perf_counter() - t_start > cfg.time_budget_s:
+                break
+            cand_rows = rows & (RW.norm(dim=1) > 10 * zero_tol * row_ref) & (Rb.abs() > 0)
+            ridx = torch.nonzero(cand_rows).flatten()
+            if ridx.numel() == 0:
+                break
+            Xc = RW[ridx] / Rb[ridx, None]
+            # a row gives its own sample only if that sample activates it
+            Xc = Xc[(W[ridx] * Xc).sum(1) + b[ridx] > 0]
+            if Xc.shape[0] == 0:
+                break
+            rep, counts = _group(Xc, 1e-9)
+            Xc = Xc[rep]
+            if cand_x:
+                d = torch.cdist(Xc, torch.stack(cand_x), compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
+                far = d > 1e-9 * Xc.norm(dim=1).clamp_min(1e-300)
+                Xc, counts = Xc[far], counts[far]
+            ok, qt = full.verify(Xc)
+            if not bool(ok.any()):
+                break
+            Xn, qn, cn = Xc[ok], qt[ok], counts[ok]
+            # one candidate per column of Q (same sample): the one most rows agree on
+            added = 0
+            for i in torch.argsort(cn, descending=True).tolist():
+                if any(abs(float(qn[i] @ q)) > 1 - 1e-9 for q in cand_q):
+                    continue
+                cand_x.append(Xn[i])
+                cand_q.append(qn[i])
+                added += 1
+                if len(cand_x) >= B:
+                    break
+            if not added:
+                break
+            Xf, Gf = _purify(torch.stack(cand_x), torch.stack(cand_q, 1), Ub, Sb, Vhb)
+            RW_new = dW - Gf @ Xf
+            Rb_new = db - Gf.sum(1)
+            rows = alive & ((RW_new - RW).norm(dim=1) > 10 * zero_tol * row_ref)
+            RW, Rb = RW_new, Rb_new
+            found_x, found_g = list(Xf), list(Gf.T)
+    elif cfg.peel:
+        found_x, found_g = _approx_peel(full, dW, db, B, t_start, cfg.time_budget_s)
+        if found_x:
+            RW = dW - torch.stack(found_g, 1) @ torch.stack(found_x)
+            Rb = db - torch.stack(found_g, 1).sum(1)
+    n_peeled = len(found_x)
+    timings["peel"] = time.perf_counter() - t
+
+    # 3–4. sampling on the residual ------------------------------------------------------------
+    proposals = 0
+    n_sampled = 0
+    approximate = not clean
+    message = ""
+    Bp = B - n_peeled
+    t = time.perf_counter()
+    t_assemble = 0.0
+    sampled_G: torch.Tensor | None = None
+    sampled_X: torch.Tensor | None = None
+    if Bp > 0:
+        if n_peeled:
+            U2, S2, Vh2 = torch.linalg.svd(RW, full_matrices=False)
+            U2, S2, Vh2 = U2[:, :Bp], S2[:Bp], Vh2[:Bp]
+            ralive = alive & (RW.norm(dim=1) > 10 * zero_tol * dW.norm(dim=1).clamp_min(1e-300))
+        else:
+            U2, S2, Vh2, ralive = Ub, Sb, Vhb, alive.clone()
+        na = int(ralive.sum())
+        # expected inactive share of a remaining sample on rows some remaining sample activates
+        p_cond = 0.5 * (1 - 0.5 ** (Bp - 1)) / (1 - 0.5**Bp) if Bp > 1 else 0.0
+        if cfg.sparsity_threshold > 0:
+            tau = int(cfg.sparsity_threshold * na)
+        else:
+            tau = sparsity_threshold(na, p_cond, cfg.false_rejection) if Bp > 1 else 0
+        floor = max(int(cfg.min_sparsity * na), Bp)
+        sampler = _Sampler(U2, ralive, zero_tol, cfg, gen, tau, floor)
+        budget = cfg.max_proposals if clean else min(cfg.max_proposals, cfg.approx_max_proposals)
+        if Bp > 1 and na >= Bp:
+            # few distinct submatrices (small layers, small residuals): sampling each ~20 times is enough
+            budget = min(budget, max(cfg.chunk_size, 20 * math.comb(na, Bp - 1)))
+        best: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (n_ok, X, G)
+        full_ok = False
+
+        def complete(cols: list[torch.Tensor]) -> torch.Tensor | None:
+            """G-column directions (m×B') from B'−2 … B' known columns (basis of U2), or None."""
+            if len(cols) == Bp - 2 and Bp >= 2:
+                for g in _two_missing(cols, U2, S2, Vh2, Rb, full):
+                    c = U2.T @ g
+                    c = c / c.norm().clamp_min(1e-300)
+                    if all(abs(float(c @ u)) < 1 - 1e-8 for u in cols) and len(cols) < Bp:
+                        cols = cols + [c]
+            if len(cols) == Bp - 1:
+                # the last sample from the bias gradient: a_last ⟂ known columns, aᵀ q_last = 1
+                if cols:
+                    a = _nullvec(torch.stack([c / S2 for c in cols], 0))[0]
+                else:
+                    a = torch.ones(Bp, dtype=torch.float64)
+                denom = float(a @ ((U2.T @ Rb) / S2))
+                if abs(denom) < 1e-300:
+                    return None
+                x = Vh2.T @ (a / denom)
+                okl, qtl = full.verify(x[None])
+                if not bool(okl[0]):
+                    return None
+                return torch.stack([U2 @ c for c in cols] + [full.g_column(x, qtl[0])], 1)
+            if len(cols) == Bp:
+                return torch.stack([U2 @ c for c in cols], 1)
+            return None
+
+        def try_assemble() -> tuple[int, torch.Tensor, torch.Tensor] | None:
+            order = sampler.ordered()
+            sel = _greedy_independent(list(sampler.pool_q), order, Bp)
+            if len(sel) < Bp - 2 or not clean:
+                return None
+            Ghat = complete([sampler.pool_q[i] for i in sel])
+            if Ghat is None:
+                return None
+            out = _assemble(Ghat, U2, S2, Vh2, Rb)
+            if out is None:
+                return None
+            Xs, Gs = out
+            okv, _ = full.verify(Xs)
+            n_ok = int(okv.sum())
+            if n_ok == Bp or len(sel) < Bp:
+                return n_ok, Xs, Gs
+            # swaps: replace columns of failing samples by unused candidates while the count improves
+            unused = [i for i in order if i not in sel]
+            tries = 0
+            improved = True
+            while improved and n_ok < Bp and tries < cfg.max_swaps:
+                improved = False
+                bad = torch.nonzero(~okv).flatten().tolist()
+                for pos in bad:
+                    for cand in list(unused):
+                        tries += 1
+                        trial = list(sel)
+                        trial[pos] = cand
+                        G2 = torch.stack([U2 @ sampler.pool_q[i] for i in trial], 1)
+                        o2 = _assemble(G2, U2, S2, Vh2, Rb)
+                        if o2 is None:
+                            continue
+                        ok2, _ = full.verify(o2[0])
+                        if int(ok2.sum()) > n_ok:
+                            unused.remove(cand)
+                            unused.append(sel[pos])
+                            sel, okv, n_ok, (Xs, Gs) = trial, ok2, int(ok2.sum()), o2
+                            improved = True
+                            break
+                        if tries >= cfg.max_swaps:
+                            break
+                    if improved or tries >= cfg.max_swaps:
+                        break
+            return n_ok, Xs, Gs
+
+        if Bp <= 2 and clean:
+            ta = time.perf_counter()
+            res = try_assemble()
+            t_assemble += time.perf_counter() - ta
+            if res is not None:
+                best = res
+                full_ok = res[0] == Bp
+        pending = False
+        last_end, last_cost = 0.0, 0.0
+        while not full_ok and Bp > 1 and na >= Bp:
+            out_of_time = time.perf_counter() - t_start > cfg.time_budget_s
+            out_of_props = sampler.tried >= budget
+            if not (out_of_time or out_of_props):
+                pending |= sampler.chunk(min(cfg.chunk_size, budget - sampler.tried)) > 0
+            # assemble when the pool changed, spending at most about a third of the time on it
+            now = time.perf_counter()
+            if pending and (out_of_time or out_of_props or now - last_end >= 2 * last_cost):
+                pending = False
+                res = try_assemble()
+                last_end = time.perf_counter()
+                last_cost = last_end - now
+                t_assemble += last_cost
+                if res is not None and (best is None or res[0] > best[0]):
+                    best = res
+                    full_ok = res[0] == Bp
+            if out_of_time or out_of_props:
+                if not full_ok:
+                    message = "time budget exhausted" if out_of_time else "proposal budget exhausted"
+                break
+        proposals = sampler.tried
+        timings["sample_solve"] = sampler.t_solve
+        timings["sample_filter"] = sampler.t_filter
+        if best is not None:
+            sampled_X, sampled_G = best[1], best[2]
+            n_sampled = best[0]
+        else:
+            # best approximate batch: greedy columns, completed with orthogonal directions
+            order = sampler.ordered()
+            sel = _greedy_independent(list(sampler.pool_q), order, Bp)
+            cols = [sampler.pool_q[i] for i in sel]
+            extra = torch.randn(Bp, Bp, dtype=torch.float64, generator=gen)
+            for j in range(Bp):
+                if len(cols) >= Bp:
+                    break
+                v = extra[:, j].clone()
+                for u in cols:
+                    v = v - (u @ v) / (u @ u) * u
+                if float(v.norm()) > 1e-6:
+                    cols.append(v / v.norm())
+            Ghat = torch.stack([U2 @ c for c in cols], 1)
+            out = _assemble(Ghat, U2, S2, Vh2, Rb)
+            if out is None:
+                sampled_X = Vh2.clone()
+                sampled_G = U2 * S2[None, :]
+            else:
+                sampled_X, sampled_G = out
+            approximate = True
+    timings["sample"] = time.perf_counter() - t
+    timings["assemble"] = t_assemble
+
+    # 5. final assembly in the full basis (most precise when every column is known) ---------------
+    t = time.perf_counter()
+    Xs_list = list(found_x)
+    Gs_list = list(found_g)
+    if sampled_X is not None:
+        Xs_list += list(sampled_X)
+        Gs_list += list(sampled_G.T)
+    X = torch.stack(Xs_list) if Xs_list else torch.zeros(0, n, dtype=torch.float64)
+    G = torch.stack(Gs_list, 1) if Gs_list else torch.zeros(m, 0, dtype=torch.float64)
+    exact, _ = full.verify(X) if clean else (torch.zeros(X.shape[0], dtype=torch.bool), None)
+    if clean and X.shape[0] == B and bool(exact.all()):
+        out = _assemble(G / G.norm(dim=0, keepdim=True).clamp_min(1e-300), Ub, Sb, Vhb, db)
+        if out is not None:
+            X2, G2 = out
+            ok2, _ = full.verify(X2)
+            if bool(ok2.all()):
+                X, G, exact = X2, G2, ok2
+    timings["final"] = time.perf_counter() - t
+    G = G * scale
+    seconds = time.perf_counter() - t_start
+    if not clean:
+        message = message or "no exact low-rank structure (noisy update): approximate batch"
+    return SpearResult(
+        inputs=X, grad_z=G, exact=exact, batch_size=B, rank=rank, proposals=proposals, seconds=seconds,
+        timings=timings, n_peeled=n_peeled, n_sampled=n_sampled, approximate=approximate or not bool(exact.all()),
+        message=message,
+    )

@@ -1,0 +1,314 @@
+"""SPEAR: exact batch recovery from the gradient of a Linear→ReLU layer.
+
+Dimitrov, Baader, Müller, Vechev, "SPEAR: Exact Gradient Inversion of Batches
+in Federated Learning", NeurIPS 2024.
+
+The algebra lives in :mod:`defenda_attacks._spear_core` (plain tensor
+functions, usable without the plugin system); this module finds the layer,
+reads its gradients from the update, reshapes the result and, for CNNs,
+inverts the recovered features back to images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from defenda.interfaces import Attack, Knowledge, Reconstruction, Requirements, SharedUpdate, TaskData
+from defenda.params import param
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: Any  # nn.Linear
+    is_first: bool  # its input is the flattened model input
+
+
+def find_linear_relu(model: nn.Module, input_shape: tuple[int, ...], name: str = "") -> _Layer | None:
+    """The first ``nn.Linear`` whose output feeds an ``nn.ReLU`` (or the one called ``name``).
+
+    Leaf modules are scanned in registration order; a one-sample forward pass with
+    hooks confirms that the ReLU consumes exactly the Linear's output and tells
+    whether the Linear consumes the flattened model input.
+    """
+    from torch import nn
+
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    pairs = []
+    for i, (n, m) in enumerate(leaves):
+        if isinstance(m, nn.Linear) and (not name or n == name):
+            nxt = leaves[i + 1][1] if i + 1 < len(leaves) else None
+            pairs.append((n, m, nxt if isinstance(nxt, nn.ReLU) else None))
+    if not pairs:
+        return None
+    try:
+        p = next(model.parameters())
+        dtype, device = p.dtype, p.device
+    except StopIteration:
+        dtype, device = torch.float32, torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *input_shape, generator=gen).to(dtype=dtype, device=device)
+    seen: dict[str, Any] = {}
+    handles = []
+    for n, lin, relu in pairs:
+        handles.append(lin.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, (inp[0], out))))
+        if relu is not None:
+            handles.append(relu.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n + "#relu", inp[0])))
+    try:
+        with torch.no_grad():
+            model(x)
+        traced = True
+    except Exception:  # noqa: BLE001 - an unusual forward: fall back to the module order alone
+        traced = False
+    finally:
+        for h in handles:
+            h.remove()
+    for n, lin, relu in pairs:
+        if relu is None:
+            continue
+        if not traced:
+            return _Layer(n, lin, False)
+        if n not in seen or (n + "#relu") not in seen or seen[n + "#relu"] is not seen[n][1]:
+            continue
+        lin_in = seen[n][0]
+        first = lin_in.shape == x.flatten(1).shape and torch.equal(lin_in, x.flatten(1))
+        return _Layer(n, lin, first)
+    return None
+
+
+class Spear(Attack):
+    """SPEAR (Dimitrov et al., NeurIPS 2024): exact batch recovery from a Linear→ReLU layer's gradient.
+
+    Dimitrov, Baader, Müller, Vechev, "SPEAR: Exact Gradient Inversion of Batches in
+    Federated Learning", NeurIPS 2024. Honest server.
+
+    The target is the first ``nn.Linear(n, m)`` followed by ``nn.ReLU`` (``W``: m×n,
+    bias ``b``: m). From its gradients ``∂L/∂W = G Xᵀ`` (m×n, rank B) and
+    ``∂L/∂b = G 1`` (m), with ``G = ∂L/∂Z`` (m×B) sparse because of the ReLU, the
+    attack recovers the layer inputs ``X`` (B×n) exactly: SVD in float64, batch size
+    from the numerical rank when not known, dead neurons excluded; samples peeled off
+    from neurons only one remaining sample activates (``x = ∂L/∂W[r] / ∂L/∂b[r]``);
+    the rest from random (B−1)-row submatrices of ``L = U_B S_B`` solved in
+    vectorised chunks, a sparsity filter calibrated to the number of alive neurons,
+    deduplication, greedy selection with a ReLU-consistency score and swaps; scales
+    and signs from the bias gradient; ``Xᵀ = Q⁻¹ R``. Every recovered sample is
+    checked exactly; ``info["n_exact_estimate"]`` counts those that pass.
+
+    * MLP (the layer reads the flattened input): ``inputs`` has shape
+      ``(B̂, *input_shape)``; labels are recovered from the per-sample gradients.
+    * CNN (the layer reads conv features): the features ``(B̂, n)`` are recovered
+      exactly (``info["features"]``) and inverted to images by optimisation
+      (``feature_inversion_steps``).
+    * Noisy updates (DP, noise defenses): no exact structure; the best approximate
+      batch is returned with ``info["approximate"] = True``.
+
+    Needs a Linear→ReLU layer with bias whose width m and input size n both exceed
+    the batch size.
+    """
+
+    name = "spear"
+    requires = Requirements(server="honest", updates=frozenset({"gradient", "delta"}))
+
+    @dataclass(frozen=True)
+    class Params:
+        max_proposals: int = param(10_000_000, "most (B-1)-row submatrices the sampling stage tries")
+        time_budget_s: float = param(60.0, "wall-clock budget; when spent, return the batch found so far")
+        chunk_size: int = param(4096, "proposals solved together in one vectorised chunk")
+        rank_tol: float = param(0.0, "relative singular-value cut for the batch size (0: 1e-10 float64, 1e-5 float32)")
+        zero_tol: float = param(0.0, "relative size below which an entry of G counts as zero (0: by precision)")
+        sparsity_threshold: float = param(
+            0.0, "share of alive neurons a column of G must be zero on (0: calibrated binomial quantile)"
+        )
+        false_rejection: float = param(1e-9, "false-rejection rate that calibrates the sparsity threshold")
+        min_sparsity: float = param(0.05, "weakest candidate kept in the pool, as a share of alive neurons")
+        peel: bool = param(True, "peel off samples from neurons that a single remaining sample activates")
+        approx_max_proposals: int = param(20_000, "proposal budget when the update is noisy (no exact structure)")
+        layer: str = param("", "name of the Linear layer to attack (empty: the first Linear followed by ReLU)")
+        recover_labels: bool = param(True, "recover labels from the per-sample gradients (when the layer is found)")
+        feature_inversion_steps: int = param(300, "Adam steps inverting recovered CNN features to images (0: off)")
+        feature_inversion_lr: float = param(0.05, "Adam learning rate of the feature inversion")
+        features_in_info: bool = param(True, "store recovered CNN features in info['features'] (lists of floats)")
+
+    # ------------------------------------------------------------------------------------------
+    def check(self, model: nn.Module, data: TaskData, knowledge: Knowledge) -> str | None:
+        layer = find_linear_relu(model, tuple(knowledge.input_shape), self.params.layer)
+        if layer is None:
+            what = f"named '{self.params.layer}' " if self.params.layer else ""
+            return f"spear needs a Linear layer {what}followed by ReLU; {type(model).__name__} has none"
+        lin = layer.module
+        if lin.bias is None:
+            return f"spear needs a bias on layer '{layer.name}' (scales come from the bias gradient)"
+        B = knowledge.batch_size
+        if B is not None:
+            if lin.out_features <= B:
+                return f"spear needs layer width m > batch size: '{layer.name}' has m={lin.out_features}, B={B}"
+            if lin.in_features <= B:
+                return f"spear needs layer input size n > batch size: '{layer.name}' has n={lin.in_features}, B={B}"
+        return None
+
+    def reconstruct(self, update: SharedUpdate, model: nn.Module, knowledge: Knowledge) -> Reconstruction:
+        from defenda_attacks._spear_core import SpearConfig, spear_recover
+
+        p = self.params
+        shape = tuple(knowledge.input_shape)
+        layer = find_linear_relu(model, shape, p.layer)
+        if layer is None:
+            raise ValueError("spear: the model has no Linear layer followed by ReLU (check() should have skipped it)")
+        dW = _update_tensor(update, model, f"{layer.name}.weight")
+        db = _update_tensor(update, model, f"{layer.name}.bias")
+        lin = layer.module
+        cfg = SpearConfig(
+            max_proposals=p.max_proposals,
+            time_budget_s=p.time_budget_s,
+            chunk_size=p.chunk_size,
+            rank_tol=p.rank_tol or None,
+            zero_tol=p.zero_tol or None,
+            sparsity_threshold=p.sparsity_threshold,
+            false_rejection=p.false_rejection,
+            min_sparsity=p.min_sparsity,
+            peel=p.peel,
+            approx_max_proposals=p.approx_max_proposals,
+            seed=knowledge.seed,
+        )
+        res = spear_recover(dW, db, lin.weight, lin.bias, batch_size=knowledge.batch_size, config=cfg)
+        dtype = lin.weight.dtype
+        device = lin.weight.device
+        Bh = res.inputs.shape[0]
+        info: dict[str, Any] = {
+            "n_exact_estimate": res.n_exact,
+            "batch_size_estimate": res.batch_size,
+            "proposals_tried": int(res.proposals),
+            "seconds": round(res.seconds, 4),
+            "rank": res.rank,
+            "n_peeled": res.n_peeled,
+            "n_sampled": res.n_sampled,
+            "approximate": bool(res.approximate),
+            "layer": layer.name,
+            "timings": {k: round(v, 4) for k, v in res.timings.items()},
+        }
+        if res.message:
+            info["message"] = res.message
+        feats = res.inputs.to(device=device, dtype=dtype)
+        if layer.is_first:
+            inputs = feats.reshape(Bh, *shape)
+            box = knowledge.box
+            if box is not None and not bool(res.exact.all()):
+                # samples that are not exact are only guesses: keep them inside the valid image range
+                lo, hi = (t.to(device=device, dtype=dtype) for t in box)
+                keep = res.exact.to(device).reshape(-1, *([1] * len(shape)))
+                inputs = torch.where(keep, inputs, torch.maximum(torch.minimum(inputs, hi), lo))
+        else:
+            if p.features_in_info:
+                info["features"] = res.inputs.tolist()
+            inputs = self._invert_features(model, lin, feats, knowledge, info)
+        labels = None
+        if p.recover_labels and res.grad_z is not None and Bh > 0:
+            try:
+                labels = _labels_from_grad_z(model, lin, feats, res.grad_z, knowledge, update.kind)
+            except Exception as exc:  # noqa: BLE001 - labels are optional; say why they are missing
+                info["labels_error"] = f"{type(exc).__name__}: {exc}"
+        return Reconstruction(inputs=inputs.detach(), labels=labels, info=info)
+
+    # ------------------------------------------------------------------------------------------
+    def _invert_features(self, model: nn.Module, lin: nn.Module, feats: torch.Tensor, knowledge: Knowledge,
+                         info: dict[str, Any]) -> torch.Tensor:
+        """Images whose features at the input of ``lin`` match ``feats`` (Adam on a feature-matching loss)."""
+        shape = tuple(knowledge.input_shape)
+        Bh = feats.shape[0]
+        device, dtype = feats.device, feats.dtype
+        gen = torch.Generator().manual_seed(knowledge.seed)
+        x = (0.1 * torch.randn(Bh, *shape, generator=gen)).to(device=device, dtype=dtype)
+        steps = self.params.feature_inversion_steps
+        if steps <= 0 or Bh == 0:
+            return x
+        box = knowledge.box
+        lo = hi = None
+        if box is not None:
+            lo, hi = (t.to(device=device, dtype=dtype) for t in box)
+            x = torch.maximum(torch.minimum((lo + hi) / 2 + (hi - lo) * x, hi), lo)
+        x.requires_grad_(True)
+        captured: dict[str, torch.Tensor] = {}
+
+        class _Stop(Exception):
+            pass
+
+        def hook(mod: Any, inp: Any) -> None:
+            captured["f"] = inp[0]
+            raise _Stop
+
+        h = lin.register_forward_pre_hook(hook)
+        opt = torch.optim.Adam([x], lr=self.params.feature_inversion_lr)
+        target = feats.detach()
+        norm = target.pow(2).sum(dim=1).clamp_min(1e-12)
+        loss_val = float("nan")
+        try:
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+                f = captured["f"].reshape(Bh, -1)
+                loss = ((f - target).pow(2).sum(dim=1) / norm).mean()
+                (x.grad,) = torch.autograd.grad(loss, [x])  # leaves the model's .grad untouched
+                opt.step()
+                loss_val = float(loss.detach())
+                if lo is not None:
+                    with torch.no_grad():
+                        x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+        finally:
+            h.remove()
+        info["feature_inversion_loss"] = loss_val
+        return x.detach()
+
+
+def _update_tensor(update: SharedUpdate, model: nn.Module, name: str) -> torch.Tensor:
+    """The update's tensor for parameter ``name``: by name, else by position in ``model.named_parameters()``."""
+    named = update.named()
+    if name in named:
+        return named[name]
+    suffix = [k for k in named if k.endswith("." + name)]  # wrapped models (e.g. '_module.' prefixes)
+    if len(suffix) == 1:
+        return named[suffix[0]]
+    params = [n for n, _ in model.named_parameters()]
+    if name in params and len(update.tensors) == len(params):
+        return update.tensors[params.index(name)]
+    raise ValueError(f"spear: the update has no tensor for parameter '{name}'")
+
+
+def _labels_from_grad_z(model: nn.Module, lin: nn.Module, feats: torch.Tensor, grad_z: torch.Tensor,
+                        knowledge: Knowledge, kind: str) -> torch.Tensor:
+    """Per sample, the class whose loss gradient at the layer output best matches the recovered column of G.
+
+    The layer output is set to ``W x̂ + b`` by a forward hook, so the part of the model after
+    the layer sees exactly the recovered sample; the part before it sees a dummy input.
+    """
+    from torch.nn import functional as F
+
+    Bh = feats.shape[0]
+    C = knowledge.num_classes
+    z0 = (feats @ lin.weight.T + lin.bias).detach()
+    target = grad_z.to(device=z0.device, dtype=z0.dtype).T  # B̂ × m
+    if kind == "delta":
+        target = -target
+    target = target / target.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    dummy = torch.zeros(Bh, *knowledge.input_shape, device=z0.device, dtype=z0.dtype)
+    scores = torch.empty(Bh, C, dtype=torch.float64)
+    for c in range(C):
+        z = z0.clone().requires_grad_(True)
+        h = lin.register_forward_hook(lambda mod, inp, out: z)
+        try:
+            logits = model(dummy)
+        finally:
+            h.remove()
+        y = torch.full((Bh,), c, dtype=torch.long, device=z0.device)
+        (gz,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), z)
+        gz = gz / gz.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        scores[:, c] = (gz * target).sum(dim=1).double().cpu()
+    return scores.argmax(dim=1)
