@@ -213,7 +213,11 @@ class Spear(Attack):
                 labels = _labels_from_grad_z(model, lin, feats, res.grad_z, knowledge, update.kind)
             except Exception as exc:  # noqa: BLE001 - labels are optional; say why they are missing
                 info["labels_error"] = f"{type(exc).__name__}: {exc}"
-        return Reconstruction(inputs=inputs.detach(), labels=labels, info=info)
+        # A degenerate (e.g. heavily pruned) update can make Q singular: return the failure as a
+        # blank (mean) guess, scored as such, rather than NaNs the harness must reject.
+        info["non_finite"] = int((~torch.isfinite(inputs)).sum())
+        inputs = torch.nan_to_num(inputs.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        return Reconstruction(inputs=inputs, labels=labels, info=info)
 
     # ------------------------------------------------------------------------------------------
     def _invert_features(self, model: nn.Module, lin: nn.Module, feats: torch.Tensor, knowledge: Knowledge,

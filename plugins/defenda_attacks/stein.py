@@ -378,6 +378,10 @@ class Stein(Attack):
         info["t_refinement"] = t5 - t4
         info["norms"] = [float(x) for x in rho]
         inputs = Xhat.to(torch.float32).reshape(len(Xhat), *knowledge.input_shape).cpu()
+        # Heavy noise can leave the decomposition degenerate: report non-finite entries and
+        # return them as a blank (mean) guess instead of NaNs.
+        info["non_finite"] = int((~torch.isfinite(inputs)).sum())
+        inputs = torch.nan_to_num(inputs, nan=0.0, posinf=0.0, neginf=0.0)
         return Reconstruction(inputs=inputs, labels=labels.cpu(), info=info)
 
     # ------------------------------------------------------------------ sign for odd σ
