@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import partial
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,25 @@ class InlineExecutor:
         pass
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the runner dies (e.g. SIGKILL), so no orphan
+    keeps computing a trial nobody will store."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _worker_main(conn: Any, threads: int, memory_gb: float, stage: Any) -> None:
     """A worker process: run jobs sent over ``conn`` until told to stop."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent()
     if memory_gb > 0:
         import resource
 
