@@ -112,7 +112,7 @@ def _plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([s.as_dict() for s in statuses], indent=2))
         return 0
-    rows = [("plugin", "distribution", "version", "status", "provides")]
+    rows: list[tuple[str, ...]] = [("plugin", "distribution", "version", "status", "provides")]
     for s in statuses:
         provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in s.provides.items()) or s.error
         rows.append((s.name, s.dist or "-", s.version or "-", s.status, provides))

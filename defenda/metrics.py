@@ -374,7 +374,8 @@ def _load_alexnet_features(model: nn.Module, path: Path) -> None:
         raise ValueError(f"{path} is not a state dict")
     # lpips splits alexnet.features into slice1..slice5, keeping the index as module name
     modules: dict[str, nn.Module] = {}
-    for slice_name, sl in model.net.named_children():
+    net: nn.Module = model.net  # type: ignore[assignment]  # lpips sets it at runtime
+    for slice_name, sl in net.named_children():
         if slice_name.startswith("slice"):
             for idx, module in sl.named_children():
                 modules[idx] = module

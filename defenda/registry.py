@@ -36,7 +36,7 @@ class Origin:
 class Entry:
     kind: str
     name: str
-    cls: type
+    cls: Any
     origin: Origin
 
 
@@ -115,6 +115,6 @@ def _validate(kind: str, cls: Any) -> list[str]:
     required = {"attack": "reconstruct", "defense": None, "metric": "compute", "task": "load"}[kind]
     if required and getattr(cls, required) is getattr(base, required):
         problems.append(f"does not implement {required}()")
-    if kind == "metric" and not cls.columns:
+    if kind == "metric" and not getattr(cls, "columns", ()):
         problems.append("declares no columns")
     return problems

@@ -157,7 +157,7 @@ class Store:
             raise StoreError(f"invalid trial key {key!r}")
         final = folder / f"{key}.npz"
         tmp = folder / f".{key}.tmp.npz"
-        np.savez_compressed(tmp, **arrays)
+        np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         os.replace(tmp, final)
         return final
 

@@ -102,8 +102,6 @@ def _kind_of(cls: type) -> str | None:
 
 def plugin_module(*classes: type, name: str = "test-plugin") -> types.ModuleType:
     """A plugin module whose registration hooks register ``classes`` (attacks, defenses, metrics, tasks)."""
-    from defenda import hookimpl
-
     mod = types.ModuleType(name)
     by_kind: dict[str, list[type]] = {}
     for cls in classes:
@@ -395,7 +393,8 @@ def check_defense(
 
     Checks: the class registers (slug, ``Params`` with defaults and help, one strength
     field, a docstring); it constructs with defaults and with ``params``; every value of
-    ``default_sweep`` is a valid strength; ``client_update`` on the tiny case (FedSGD
+    ``default_sweep`` is a valid strength; after ``calibrate`` (as the harness does),
+    ``client_update`` on the tiny case (FedSGD
     gradient and FedAvg delta, at ``params`` and at the strongest swept strength)
     returns a :class:`SharedUpdate` aligned with ``model.named_parameters()``, finite,
     detached, of the requested kind; leaves the model untouched; gives identical tensors
@@ -431,6 +430,10 @@ def check_defense(
             for _ in range(2):
                 model = case.fresh_model()
                 before = _snapshot(model)
+                # the harness calibrates before the first update (DP target-ε mode needs it)
+                _timed(problems, budget_s, f"{variant!r}.calibrate()", variant.calibrate, steps=10,
+                       sample_rate=len(case.x) / len(case.data.train[0]), delta=1e-5,
+                       local_steps=2 if kind == "delta" else 1)
                 torch.manual_seed(case.seed)
                 gen = torch.Generator().manual_seed(case.seed)
                 update = _timed(problems, budget_s, label, variant.client_update, model, case.x.clone(),
@@ -597,7 +600,8 @@ def check_metric(
                 ok = val is None or (isinstance(val, (int, float)) and not isinstance(val, bool)
                                      and math.isfinite(float(val)))
                 problems.check(ok, f"compute()[{col!r}] = {val!r}; expected a finite number or None")
-            problems.check(runs[0] == runs[1], f"compute() is not deterministic on a {label} reconstruction")
+            problems.check(repr(runs[0]) == repr(runs[1]),
+                           f"compute() is not deterministic on a {label} reconstruction")
             if label == "noisy":
                 result = out
     problems.raise_if_any()
