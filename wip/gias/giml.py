@@ -1,0 +1,368 @@
+"""GIML (Jeon et al., NeurIPS 2021): meta-learn the generator from observed gradients only, then run GIAS with it.
+
+Two clearly separated parts:
+
+* :func:`simulate_federation` — the *world*: other clients of the federation train the
+  global model; each round, ``round_images`` clients each share the gradient of one
+  private image, and the server takes an SGD step with their mean. The images are the
+  attacker-public split standing in for other clients' private data; they never leave
+  this function. What it yields per round is what an honest-but-curious server sees:
+  the global model and the clients' gradients.
+* :func:`meta_train` — the *attacker*: GIML proper. From an untrained generator, for
+  every observed round, a GIAS-style inner adaptation on a copy of the generator
+  (latent search with the ‖z‖₂ penalty, then parameter search of one copy shared by the
+  round's images) reconstructs the round's images from their gradients (labels by
+  iDLG, i.e. also from the gradients); a Reptile meta-update (one Adam step on
+  ``Σ‖θ' − θ‖²``) moves the generator toward the adapted copy. It sees gradients only.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from defenda import param
+from defenda.interfaces import Knowledge, SharedUpdate
+from defenda.inversion import (
+    gradient_matching_loss,
+    parameter_gradients,
+    predicted_update,
+    recover_labels,
+    total_variation,
+)
+from defenda_attacks._generators import (
+    _MEMO,
+    DCGANGenerator,
+    build_generator,
+    cache_key,
+    cache_path,
+    load_generator_state,
+    load_state,
+    save_state,
+    to_model_space,
+)
+from defenda_attacks.gias import GenerativeInversion, SearchParams, latent_search, parameter_search
+
+# --------------------------------------------------------------------------- the simulated federation
+
+
+@dataclass
+class ObservedRound:
+    """One FL round as the server sees it: the global model and each client's shared gradient."""
+
+    round: int
+    model: nn.Module
+    gradients: list[list[torch.Tensor]]
+    names: list[str]
+
+
+def reinitialised(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with freshly initialised weights (``reset_parameters`` of every module, seeded)."""
+    fresh = copy.deepcopy(model).cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in fresh.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return fresh.eval()
+
+
+def simulate_federation(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    rounds: int,
+    round_images: int,
+    drift_lr: float,
+    seed: int,
+    start: int = 0,
+) -> Iterator[ObservedRound]:
+    """Rounds ``start+1 … rounds`` of a simulated federation, as seen by the server.
+
+    ``model`` is the global model entering round ``start + 1`` (it is updated in place:
+    after each yielded round the server applies ``θ ← θ − drift_lr·mean_k g_k``, the
+    federation's own training, so the model drifts between rounds). In round ``t``,
+    ``round_images`` clients each compute the gradient of one image (distinct labels
+    when the data allow), drawn with a per-round seed, so a resumed run sees the same
+    rounds. ``images``/``labels`` (model space) are used here only; the consumer gets
+    gradients.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    cpu_labels = labels.cpu()  # clients are drawn on the CPU: the same rounds on any device
+    classes = cpu_labels.unique()
+    for t in range(start + 1, rounds + 1):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
+        chosen = classes[torch.randperm(len(classes), generator=gen)][:round_images]
+        idx = []
+        for c in chosen.tolist():
+            pool = torch.nonzero(cpu_labels == c).flatten()
+            idx.append(int(pool[torch.randint(len(pool), (1,), generator=gen)]))
+        while len(idx) < round_images:  # fewer classes than clients: repeat classes
+            idx.append(int(torch.randint(len(labels), (1,), generator=gen)))
+        grads = [
+            [g.detach() for g in parameter_gradients(model, images[i : i + 1], labels[i : i + 1], create_graph=False)]
+            for i in idx
+        ]
+        yield ObservedRound(round=t, model=model, gradients=grads, names=names)
+        with torch.no_grad():
+            for k, p in enumerate(model.parameters()):
+                p.sub_(drift_lr * torch.stack([g[k] for g in grads]).mean(0))
+
+
+# --------------------------------------------------------------------------- meta-learning (gradients only)
+
+
+@dataclass(frozen=True)
+class MetaSettings:
+    """Everything that determines a meta-learned generator (besides the rounds and the data)."""
+
+    latent_dim: int
+    width: int
+    round_images: int
+    inner_latent_iterations: int
+    inner_latent_lr: float
+    inner_iterations: int
+    inner_lr: float
+    inner_latent_norm: float
+    inner_tv: float
+    meta_lr: float
+    drift_lr: float
+    seed: int
+    meta_optimizer: str = "sgd"
+
+
+def adapt_to_round(
+    generator: DCGANGenerator, observed: ObservedRound, s: MetaSettings, mean: torch.Tensor, std: torch.Tensor,
+    num_classes: int,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """GIML's inner adaptation on one round: latent search, then parameter search of one shared copy.
+
+    Returns the adapted copy's weights θ' and its matching loss (mean over the round's gradients).
+    """
+    model = observed.model
+    updates = [SharedUpdate(tensors=g, names=observed.names, kind="gradient", batch_size=1)
+               for g in observed.gradients]
+    labels = torch.cat([recover_labels(u, model, 1, num_classes) for u in updates]).to(mean.device)  # iDLG
+
+    def render(g: torch.Tensor) -> torch.Tensor:
+        return to_model_space(g, mean, std)
+
+    def objective(x: torch.Tensor, create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        match = torch.stack([
+            gradient_matching_loss(predicted_update(model, x[k : k + 1], labels[k : k + 1], u,
+                                                    create_graph=create_graph), u.tensors)
+            for k, u in enumerate(updates)
+        ]).mean()
+        return (match + s.inner_tv * total_variation(x) if s.inner_tv > 0 else match), match
+
+    z0 = torch.randn(len(updates), s.latent_dim).to(mean.device)  # CPU RNG: the same latents on any device
+    z, _ = latent_search(generator, render, objective, z0, iterations=s.inner_latent_iterations,
+                         lr=s.inner_latent_lr, latent_norm=s.inner_latent_norm)
+    _, adapted, loss = parameter_search(generator, render, objective, z, iterations=s.inner_iterations,
+                                        lr=s.inner_lr, per_image=False, keep_params=True)
+    assert adapted is not None
+    return {n: p[0] for n, p in adapted.items()}, loss
+
+
+def _checkpoints(cache_dir: str | None, key: str) -> dict[int, Path]:
+    path = cache_path(cache_dir, key)
+    if path is None or not path.parent.is_dir():
+        return {}
+    out = {}
+    for f in path.parent.glob(f"{key}-round*.pt"):
+        m = re.fullmatch(rf"{re.escape(key)}-round(\d+)\.pt", f.name)
+        if m:
+            out[int(m.group(1))] = f
+    return out
+
+
+def meta_train(
+    model: nn.Module,
+    public: tuple[torch.Tensor, torch.Tensor],
+    s: MetaSettings,
+    *,
+    rounds: int,
+    image_shape: tuple[int, ...],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    num_classes: int,
+    cache_dir: str | None = None,
+    checkpoint_every: int = 10,
+    device: torch.device | str = "cpu",
+) -> tuple[DCGANGenerator, dict[str, Any]]:
+    """GIML: a generator meta-learned over ``rounds`` observed rounds (0: the untrained generator).
+
+    Checkpoints (generator, meta-optimiser, the simulated global model; a state_dict each)
+    go to ``cache_dir/generators/<key>-round<t>.pt`` every ``checkpoint_every`` rounds and
+    at the end, where ``key`` hashes the settings, the architecture and the data but not
+    ``rounds``: a later call with more rounds resumes from the latest checkpoint, a call
+    with fewer or equal rounds loads its checkpoint. Without a cache directory, the
+    checkpoints are kept in this process only. Runs on ``device``; checkpoints are CPU tensors.
+    """
+    arch = repr(model) + repr([tuple(p.shape) for p in model.parameters()])
+    key = cache_key("giml", {**s.__dict__, "arch": arch, "image_shape": list(image_shape), "version": 1},
+                    public[0], public[1])
+    device = torch.device(device)
+    generator = _untrained(image_shape, s).to(device)
+    fl_model = reinitialised(model, s.seed).to(device)
+    public = (public[0].to(device), public[1].to(device))
+    mean, std = mean.to(device), std.to(device)
+    if s.meta_optimizer == "adam":
+        meta_opt: torch.optim.Optimizer = torch.optim.Adam(generator.parameters(), lr=s.meta_lr)
+    else:  # classic Reptile: θ ← θ + ε(θ' − θ)
+        meta_opt = torch.optim.SGD(generator.parameters(), lr=s.meta_lr)
+    on_disk = _checkpoints(cache_dir, key)
+    in_memory = {int(k.rsplit("round", 1)[1]): k for k in _MEMO if k.startswith(key + "-round")}
+    available = sorted({t for t in [*on_disk, *in_memory] if t <= rounds})
+    start = 0
+    if available:
+        start = available[-1]
+        name = f"{key}-round{start}"
+        state = _MEMO[name] if name in _MEMO else load_state(on_disk[start])
+        _restore(state, generator, meta_opt, fl_model, on_disk.get(start, name))
+    info: dict[str, Any] = {"prior": f"{key}-round{rounds}", "prior_cached": start == rounds, "giml_rounds": rounds,
+                            "giml_resumed_from": start}
+    losses = []
+    for observed in simulate_federation(fl_model, public[0], public[1], rounds=rounds,
+                                        round_images=s.round_images, drift_lr=s.drift_lr, seed=s.seed, start=start):
+        generator.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.seed * 1_000_003 + observed.round + 17)
+            adapted, loss = adapt_to_round(generator, observed, s, mean, std, num_classes)
+        losses.append(loss)
+        meta_opt.zero_grad(set_to_none=True)
+        for n, p in generator.named_parameters():  # Reptile: the gradient of ½Σ‖θ' − θ‖² is θ − θ'
+            p.grad = p.detach() - adapted[n]
+        meta_opt.step()
+        t = observed.round
+        if t == rounds or (checkpoint_every > 0 and t % checkpoint_every == 0):
+            _checkpoint(cache_dir, f"{key}-round{t}", generator, meta_opt, fl_model, t)
+    if losses:
+        info["giml_inner_loss_last"] = losses[-1]
+    return generator.eval(), info
+
+
+def _untrained(image_shape: tuple[int, ...], s: MetaSettings) -> DCGANGenerator:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        generator = build_generator(image_shape, s.latent_dim, s.width)
+    return generator.eval()
+
+
+def _checkpoint(cache_dir: str | None, name: str, generator: nn.Module, opt: torch.optim.Optimizer,
+                fl_model: nn.Module, t: int) -> None:
+    state = {"generator": generator.state_dict(), "meta_opt": opt.state_dict(), "fl_model": fl_model.state_dict(),
+             "round": t}
+    state = copy.deepcopy({k: (v if not isinstance(v, dict) else _detach(v)) for k, v in state.items()})
+    _MEMO[name] = state  # type: ignore[assignment]
+    path = cache_path(cache_dir, name)
+    if path is not None:
+        save_state(state, path)
+
+
+def _detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_detach(v) for v in obj]
+    return obj
+
+
+def _restore(state: dict[str, Any], generator: nn.Module, opt: torch.optim.Optimizer, fl_model: nn.Module,
+             where: Any) -> None:
+    from defenda_attacks._generators import CheckpointError
+
+    try:
+        load_generator_state(generator, state["generator"], where)
+        opt.load_state_dict(state["meta_opt"])
+        fl_model.load_state_dict(state["fl_model"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"GIML checkpoint {where} is incomplete or does not fit: {exc}") from None
+
+
+# --------------------------------------------------------------------------- the attack
+
+
+class GIML(GenerativeInversion):
+    """GIML: GIAS with a generator meta-learned from other clients' gradients only (no image prior).
+
+    J. Jeon, J. Kim, K. Lee, S. Oh, J. Ok, "Gradient Inversion with Generative Image
+    Prior", NeurIPS 2021, §4 (GIML).
+
+    *Prior.* Starting from an untrained DCGAN generator (PyTorch default init, seeded
+    with ``meta_seed``), GIML observes ``meta_rounds`` earlier FL rounds of a simulated
+    federation (:func:`simulate_federation`): in every round ``round_images`` other
+    clients share the gradient of one image each, and the global model drifts by the
+    server's SGD step (``drift_lr``). For each round a GIAS-style inner adaptation
+    reconstructs the round's images from their gradients (latent search,
+    ``inner_latent_iterations`` at ``inner_latent_lr`` with the penalty
+    ``inner_latent_norm·‖z‖₂``, then ``inner_iterations`` of parameter search of one
+    generator copy at ``inner_lr``), and a Reptile meta-update (Adam at ``meta_lr`` on
+    ``Σ‖θ' − θ‖²``) moves the generator toward the adapted copy. The meta-learner sees
+    gradients only. The simulated clients' private data is the attacker-public split
+    (the harness gives an attack one update, not a history of other clients' rounds), so
+    the attack needs ``knowledge = ["public_data"]`` to *simulate* the federation; the
+    images are used only to produce the clients' gradients. The simulated global model
+    is a re-initialised copy of the victim model's architecture. The meta-learned
+    generator is checkpointed every ``checkpoint_every`` rounds in
+    ``knowledge.cache_dir/generators/`` (state_dicts, loaded with ``weights_only=True``)
+    and reused by later trials; more rounds resume from the latest checkpoint.
+
+    *Attack.* GIAS with that generator: latent search then per-image parameter search,
+    the same parameters and behaviour as ``gias``. ``meta_rounds = 0`` is GIAS with the
+    untrained generator. ``info`` adds ``giml_rounds``, ``giml_resumed_from`` and
+    ``prior_source = "gradients"`` (the prior never saw an image).
+    """
+
+    name = "giml"
+    prior_source = "gradients"
+
+    @dataclass(frozen=True)
+    class Params(SearchParams):
+        meta_rounds: int = param(40, "observed FL rounds GIML meta-learns from (0: untrained generator)")
+        round_images: int = param(4, "clients per observed round, each sharing the gradient of one image")
+        inner_latent_iterations: int = param(200, "inner adaptation: latent-search steps per round")
+        inner_latent_lr: float = param(0.03, "inner adaptation: Adam step size on the latents (paper: 0.03)")
+        inner_latent_norm: float = param(1e-3, "inner adaptation: weight of ‖z‖₂ (paper: 1e-3)")
+        inner_iterations: int = param(100, "inner adaptation: parameter-search steps on the shared copy per round")
+        inner_lr: float = param(1e-3, "inner adaptation: Adam step size on the copy's weights (paper: 1e-3)")
+        inner_tv: float = param(1e-4, "inner adaptation: TV weight (paper: 1e-4)")
+        meta_lr: float = param(0.5, "Reptile meta step size: ε of θ ← θ + ε(θ' − θ) for sgd; Adam's step size for adam "
+                                    "(paper: Adam, 1e-2)")
+        meta_optimizer: str = param("sgd", "Reptile meta step: Adam on ½Σ‖θ' − θ‖² (paper) or SGD, θ ← θ + meta_lr·(θ' − θ)",
+                                    choices=("adam", "sgd"))
+        drift_lr: float = param(0.1, "server SGD step size of the simulated federation between rounds")
+        checkpoint_every: int = param(10, "save a meta-training checkpoint every this many rounds")
+        meta_seed: int = param(0, "seed of the untrained generator, the simulated federation and the inner searches")
+
+    def prior(self, model: nn.Module, knowledge: Knowledge) -> tuple[DCGANGenerator, dict[str, Any]]:
+        if knowledge.public is None:
+            raise ValueError("giml simulates the federation's other clients from the public split "
+                             "(grant knowledge 'public_data')")
+        p = self.params
+        s = MetaSettings(
+            latent_dim=p.latent_dim, width=p.width, round_images=p.round_images,
+            inner_latent_iterations=p.inner_latent_iterations, inner_latent_lr=p.inner_latent_lr,
+            inner_iterations=p.inner_iterations, inner_lr=p.inner_lr, inner_latent_norm=p.inner_latent_norm,
+            inner_tv=p.inner_tv, meta_lr=p.meta_lr, drift_lr=p.drift_lr, seed=p.meta_seed,
+            meta_optimizer=p.meta_optimizer,
+        )
+        public = (knowledge.public[0].detach().cpu().float(), knowledge.public[1].detach().cpu().long())
+        with torch.enable_grad():
+            return meta_train(model, public, s, rounds=p.meta_rounds, image_shape=tuple(knowledge.input_shape),
+                              mean=knowledge.mean.cpu(), std=knowledge.std.cpu(), num_classes=knowledge.num_classes,
+                              cache_dir=knowledge.cache_dir, checkpoint_every=p.checkpoint_every,
+                              device=knowledge.device)
