@@ -32,12 +32,14 @@ from defenda.params import build_params
 if TYPE_CHECKING:
     from torch import nn
 
+    from defenda.federation import GradientHistory
+
 UpdateKind = Literal["gradient", "delta"]
 ServerKind = Literal["honest", "malicious"]
 TaskKind = Literal["image", "tabular"]
 
 #: Knowledge flags an attacker may be granted (each a column of the trial's row).
-KNOWLEDGE_FLAGS = ("labels", "batch_size", "bn_stats", "public_data", "lr")
+KNOWLEDGE_FLAGS = ("labels", "batch_size", "bn_stats", "public_data", "lr", "gradient_history")
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,9 @@ class Knowledge:
     """What the attacker knows besides the update and the model.
 
     Fields the study did not grant are ``None`` (``granted`` lists the flags).
+    ``public`` is the attacker's own image sample (flag ``public_data``);
+    ``history`` replays earlier rounds of other clients' gradients (flag
+    ``gradient_history``, see :mod:`defenda.federation`) — gradients only, no images.
     """
 
     input_shape: tuple[int, ...]
@@ -130,6 +135,7 @@ class Knowledge:
     labels: torch.Tensor | None = None
     public: tuple[torch.Tensor, torch.Tensor] | None = None
     lr: float | None = None
+    history: GradientHistory | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     cache_dir: str | None = None

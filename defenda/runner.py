@@ -244,8 +244,9 @@ def run_study(
     limits = {"timeout": float(study.settings["timeout"]), "memory_gb": float(study.settings["memory_limit_gb"])}
     if executor == "local" and workers == 1:
         set_plugins(plugins)  # in-process trials use exactly these plugins
-    check_against_data(study, plugins.registry)
-    trials = study.trials()
+    for notice in check_against_data(study, plugins.registry):
+        print(f"defenda: {notice}", file=sys.stderr)
+    trials = interleave(study.trials())
     counts = {"ok": 0, "error": 0, "skipped": 0, "resumed": 0}
     with Store(out_dir) as store:
         if retry_errors:
@@ -275,6 +276,23 @@ def run_study(
             pool.close()
             bar.close()
     return counts
+
+
+def interleave(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials round-robin over (task, attack): parallel workers start on different attacks.
+
+    An attack's first trial may train a prior (GIAS, GIML) that its other trials wait for;
+    interleaving keeps the other workers busy with other attacks meanwhile, and the
+    progress bar's ETA sees every attack early.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for t in trials:
+        groups.setdefault((t["task"], t["attack"]), []).append(t)
+    out: list[dict[str, Any]] = []
+    queues = list(groups.values())
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
 
 
 def _utility_jobs(todo: list[dict[str, Any]], store: Store) -> list[dict[str, Any]]:

@@ -58,6 +58,8 @@ class PluginConfig:
     strength: float | None = None
     #: an attack table's own ``batch_sizes`` (overrides [study] batch_sizes for that attack)
     batch_sizes: tuple[int, ...] | None = None
+    #: a task table's ``optional = true``: dropped with a notice when its data files are missing
+    optional: bool = False
 
     def label(self) -> str:
         return self.name if self.strength is None else f"{self.name}@{self.strength:g}"
@@ -224,14 +226,15 @@ def _parse_plugin_tables(tables: Any, section: str, kind: str, registry: Registr
         name = table.get("name")
         if not isinstance(name, str):
             raise _fail(source, where, f"needs name = \"…\"; registered {kind}s: {', '.join(registry.names(kind))}")
-        rest = {k: v for k, v in table.items() if k not in ("name", "batch_sizes")}
+        rest = {k: v for k, v in table.items() if k not in ("name", "batch_sizes", "optional")}
         own_sizes = _own_batch_sizes(table, kind, f"{where} ('{name}')", source)
+        optional = _optional(table, kind, f"{where} ('{name}')", source)
         try:
             if kind == "defense" and is_composed(name):
                 expanded = _expand_composed(registry, name, rest)
             else:
                 expanded = _expand(registry.get(kind, name).cls, kind, name, rest)
-            configs.extend(dataclasses.replace(c, batch_sizes=own_sizes) for c in expanded)
+            configs.extend(dataclasses.replace(c, batch_sizes=own_sizes, optional=optional) for c in expanded)
         except (ParamError, DefendaError) as exc:
             raise _fail(source, f"{where} ('{name}')", str(exc)) from None
     return configs
@@ -249,6 +252,17 @@ def _own_batch_sizes(table: dict[str, Any], kind: str, where: str, source: str) 
         raise _fail(source, f"{where} key 'batch_sizes'", f"expected a non-empty list of distinct positive "
                                                           f"integers, got {value!r}")
     return tuple(value)
+
+
+def _optional(table: dict[str, Any], kind: str, where: str, source: str) -> bool:
+    """A task table's ``optional`` flag (run the task only when its data files are present)."""
+    if "optional" not in table:
+        return False
+    if kind != "task":
+        raise _fail(source, where, "optional can be set in a [task] / [[tasks]] table only")
+    if not isinstance(table["optional"], bool):
+        raise _fail(source, f"{where} key 'optional'", f"expected true or false, got {table['optional']!r}")
+    return bool(table["optional"])
 
 
 def _is_tuple_param(tp: Any) -> bool:
@@ -297,15 +311,24 @@ def _expand_composed(registry: Registry, name: str, tables: dict[str, Any]) -> l
     return configs
 
 
-def check_against_data(study: Study, registry: Registry) -> None:
-    """Errors that need the data: a missing data set, a batch larger than a task's train split."""
+def check_against_data(study: Study, registry: Registry) -> list[str]:
+    """Errors that need the data: a missing data set, a batch larger than a task's train split.
+
+    A task marked ``optional = true`` whose data cannot be loaded is removed from
+    ``study.tasks`` instead; the returned notices say which and why.
+    """
     from defenda.compose import make_defense
     from defenda.trial import load_task
 
-    for task in study.tasks:
+    notices: list[str] = []
+    for task in list(study.tasks):
         try:
             _, data = load_task(registry, task.name, task.params)
         except DefendaError as exc:
+            if task.optional:
+                study.tasks.remove(task)
+                notices.append(f"task '{task.name}' skipped (optional = true): {exc}")
+                continue
             raise StudyError(f"{study.source}: [task] '{task.name}': {exc}") from None
         n = len(data.train[0])
         for defense in study.defenses:
@@ -315,6 +338,9 @@ def check_against_data(study: Study, registry: Registry) -> None:
             if size > n:
                 raise StudyError(f"{study.source}: batch size {size} ({defense.label()}) is larger than task "
                                  f"'{task.name}' has training samples ({n}); use smaller batch_sizes")
+    if not study.tasks:
+        raise StudyError(f"{study.source}: no task left to run ({'; '.join(notices)})")
+    return notices
 
 
 def default_study_path() -> Path:

@@ -203,6 +203,7 @@ class TinyCase:
         """The attacker's knowledge with the given flags granted."""
         import torch
 
+        from defenda.federation import GradientHistory
         from defenda.interfaces import Knowledge
 
         g = frozenset(granted)
@@ -211,7 +212,9 @@ class TinyCase:
                          std=d.std, granted=g, batch_size=len(self.y) if "batch_size" in g else None,
                          labels=self.y.clone() if "labels" in g else None,
                          public=d.public if "public_data" in g else None,
-                         lr=0.1 if "lr" in g else None, device=torch.device("cpu"), seed=self.seed)
+                         lr=0.1 if "lr" in g else None,
+                         history=GradientHistory(*d.public, lr=0.1) if "gradient_history" in g else None,
+                         device=torch.device("cpu"), seed=self.seed)
 
 
 def make_tiny_case(kind: str = "image", *, model: str | None = None, batch_size: int = 2, seed: int = 0) -> TinyCase:

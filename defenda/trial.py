@@ -21,6 +21,7 @@ import torch
 
 from defenda.compose import component_names, make_defense
 from defenda.errors import UnsupportedError
+from defenda.federation import GradientHistory
 from defenda.interfaces import Attack, Defense, Knowledge, Reconstruction, Task, TaskData
 from defenda.plugins import Plugins, get_plugins
 from defenda.registry import Registry
@@ -85,6 +86,7 @@ def _knowledge(trial: dict[str, Any], data: TaskData, y: torch.Tensor, device: t
         labels=y.to(device) if "labels" in granted else None,
         public=data.public if "public_data" in granted else None,
         lr=trial["lr"] if "lr" in granted else None,
+        history=GradientHistory(*data.public, lr=trial["lr"]) if "gradient_history" in granted else None,
         device=device, seed=trial["seed"], cache_dir=trial.get("cache_dir"),
     )
 

@@ -116,3 +116,49 @@ def test_an_attack_can_set_its_own_batch_sizes(registry) -> None:
     bad["defenses"][0]["batch_sizes"] = [2]
     with pytest.raises(StudyError, match="in an \\[\\[attacks\\]\\] table only"):
         parse_study(bad, registry)
+
+
+def test_an_optional_task_without_its_files_is_dropped_with_a_notice(registry, tmp_path: Path) -> None:
+    from defenda.study import check_against_data
+
+    raw = copy.deepcopy(TINY_STUDY)
+    raw.pop("task")
+    raw["tasks"] = [{"name": "digits", "model": "cnn"},
+                    {"name": "cifar10", "root": str(tmp_path / "nowhere"), "optional": True}]
+    study = parse_study(raw, registry)
+    notices = check_against_data(study, registry)
+    assert [t.name for t in study.tasks] == ["digits"]
+    assert len(notices) == 1 and "cifar10" in notices[0] and "optional" in notices[0]
+    raw["tasks"][1]["optional"] = False  # not optional: the missing files are an error naming the task
+    with pytest.raises(StudyError, match="cifar10"):
+        check_against_data(parse_study(raw, registry), registry)
+    raw["tasks"] = [raw["tasks"][1] | {"optional": True}]  # nothing left to run
+    with pytest.raises(StudyError, match="no task left"):
+        check_against_data(parse_study(raw, registry), registry)
+    raw["tasks"][0]["optional"] = "yes"
+    with pytest.raises(StudyError, match="key 'optional'"):
+        parse_study(raw, registry)
+    bad = copy.deepcopy(TINY_STUDY)
+    bad["attacks"][0]["optional"] = True
+    with pytest.raises(StudyError, match="task"):
+        parse_study(bad, registry)
+
+
+def test_trials_are_interleaved_over_attacks(registry) -> None:
+    from defenda.runner import interleave
+
+    raw = copy.deepcopy(TINY_STUDY)
+    raw["attacks"].append({"name": "spear", "batch_sizes": [2]})
+    trials = parse_study(raw, registry).trials()
+    order = [t["attack"] for t in interleave(trials)]
+    assert sorted(order) == sorted(t["attack"] for t in trials)
+    assert order[:4] == ["geiping", "spear", "geiping", "spear"]
+
+
+def test_the_default_study_runs_every_builtin_attack_and_defense(registry) -> None:
+    study = load_study(default_study_path(), registry)
+    builtin = {kind: {n for n in registry.names(kind) if registry.get(kind, n).origin.dist == "defenda"}
+               for kind in ("attack", "defense")}
+    assert {a.name for a in study.attacks} == builtin["attack"]
+    assert {d.name for d in study.defenses} == builtin["defense"]
+    assert {t.name for t in study.tasks} == {"digits", "breast-cancer"}

@@ -2,12 +2,11 @@
 
 Two clearly separated parts:
 
-* :func:`simulate_federation` — the *world*: other clients of the federation train the
-  global model; each round, ``round_images`` clients each share the gradient of one
-  private image, and the server takes an SGD step with their mean. The images are the
-  attacker-public split standing in for other clients' private data; they never leave
-  this function. What it yields per round is what an honest-but-curious server sees:
-  the global model and the clients' gradients.
+* the *world*, :class:`defenda.federation.GradientHistory` (core, knowledge flag
+  ``gradient_history``): other clients of the federation train the global model; each
+  round, ``round_images`` clients each share the gradient of one private image, and the
+  server takes an SGD step with their mean. What it yields per round is what an
+  honest-but-curious server sees: the global model and the clients' gradients.
 * :func:`meta_train` — the *attacker*: GIML proper. From an untrained generator, for
   every observed round, a GIAS-style inner adaptation on a copy of the generator
   (latent search with the ‖z‖₂ penalty, then parameter search of one copy shared by the
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +27,10 @@ import torch
 from torch import nn
 
 from defenda import param
-from defenda.interfaces import Knowledge, SharedUpdate
+from defenda.federation import GradientHistory, ObservedRound
+from defenda.interfaces import Knowledge, Requirements, SharedUpdate
 from defenda.inversion import (
     gradient_matching_loss,
-    parameter_gradients,
     predicted_update,
     recover_labels,
     total_variation,
@@ -47,24 +45,15 @@ from defenda_attacks._generators import (
     load_state,
     save_state,
     to_model_space,
+    training_lock,
 )
 from defenda_attacks.gias import GenerativeInversion, SearchParams, latent_search, parameter_search
 
-# --------------------------------------------------------------------------- the simulated federation
-
-
-@dataclass
-class ObservedRound:
-    """One FL round as the server sees it: the global model and each client's shared gradient."""
-
-    round: int
-    model: nn.Module
-    gradients: list[list[torch.Tensor]]
-    names: list[str]
-
-
 def reinitialised(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of ``model`` with freshly initialised weights (``reset_parameters`` of every module, seeded)."""
+    """A copy of ``model`` with freshly initialised weights (``reset_parameters`` of every module, seeded).
+
+    The global model the observed federation started from: the server chose it, so the attacker knows it.
+    """
     fresh = copy.deepcopy(model).cpu()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -73,49 +62,6 @@ def reinitialised(model: nn.Module, seed: int) -> nn.Module:
             if callable(reset):
                 reset()
     return fresh.eval()
-
-
-def simulate_federation(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    rounds: int,
-    round_images: int,
-    drift_lr: float,
-    seed: int,
-    start: int = 0,
-) -> Iterator[ObservedRound]:
-    """Rounds ``start+1 … rounds`` of a simulated federation, as seen by the server.
-
-    ``model`` is the global model entering round ``start + 1`` (it is updated in place:
-    after each yielded round the server applies ``θ ← θ − drift_lr·mean_k g_k``, the
-    federation's own training, so the model drifts between rounds). In round ``t``,
-    ``round_images`` clients each compute the gradient of one image (distinct labels
-    when the data allow), drawn with a per-round seed, so a resumed run sees the same
-    rounds. ``images``/``labels`` (model space) are used here only; the consumer gets
-    gradients.
-    """
-    names = [n for n, _ in model.named_parameters()]
-    cpu_labels = labels.cpu()  # clients are drawn on the CPU: the same rounds on any device
-    classes = cpu_labels.unique()
-    for t in range(start + 1, rounds + 1):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
-        chosen = classes[torch.randperm(len(classes), generator=gen)][:round_images]
-        idx = []
-        for c in chosen.tolist():
-            pool = torch.nonzero(cpu_labels == c).flatten()
-            idx.append(int(pool[torch.randint(len(pool), (1,), generator=gen)]))
-        while len(idx) < round_images:  # fewer classes than clients: repeat classes
-            idx.append(int(torch.randint(len(labels), (1,), generator=gen)))
-        grads = [
-            [g.detach() for g in parameter_gradients(model, images[i : i + 1], labels[i : i + 1], create_graph=False)]
-            for i in idx
-        ]
-        yield ObservedRound(round=t, model=model, gradients=grads, names=names)
-        with torch.no_grad():
-            for k, p in enumerate(model.parameters()):
-                p.sub_(drift_lr * torch.stack([g[k] for g in grads]).mean(0))
 
 
 # --------------------------------------------------------------------------- meta-learning (gradients only)
@@ -135,7 +81,6 @@ class MetaSettings:
     inner_latent_norm: float
     inner_tv: float
     meta_lr: float
-    drift_lr: float
     seed: int
     meta_optimizer: str = "sgd"
 
@@ -187,7 +132,7 @@ def _checkpoints(cache_dir: str | None, key: str) -> dict[int, Path]:
 
 def meta_train(
     model: nn.Module,
-    public: tuple[torch.Tensor, torch.Tensor],
+    history: GradientHistory,
     s: MetaSettings,
     *,
     rounds: int,
@@ -199,27 +144,43 @@ def meta_train(
     checkpoint_every: int = 10,
     device: torch.device | str = "cpu",
 ) -> tuple[DCGANGenerator, dict[str, Any]]:
-    """GIML: a generator meta-learned over ``rounds`` observed rounds (0: the untrained generator).
+    """GIML: a generator meta-learned over ``rounds`` rounds of ``history`` (0: the untrained generator).
+
+    The federation starts from ``model``'s architecture, re-initialised with ``s.seed``.
 
     Checkpoints (generator, meta-optimiser, the simulated global model; a state_dict each)
     go to ``cache_dir/generators/<key>-round<t>.pt`` every ``checkpoint_every`` rounds and
-    at the end, where ``key`` hashes the settings, the architecture and the data but not
+    at the end, where ``key`` hashes the settings, the architecture and the history but not
     ``rounds``: a later call with more rounds resumes from the latest checkpoint, a call
     with fewer or equal rounds loads its checkpoint. Without a cache directory, the
     checkpoints are kept in this process only. Runs on ``device``; checkpoints are CPU tensors.
     """
     arch = repr(model) + repr([tuple(p.shape) for p in model.parameters()])
-    key = cache_key("giml", {**s.__dict__, "arch": arch, "image_shape": list(image_shape), "version": 1},
-                    public[0], public[1])
+    key = cache_key("giml", {**s.__dict__, "arch": arch, "image_shape": list(image_shape), "version": 2,
+                             "history": history.fingerprint})
     device = torch.device(device)
     generator = _untrained(image_shape, s).to(device)
     fl_model = reinitialised(model, s.seed).to(device)
-    public = (public[0].to(device), public[1].to(device))
     mean, std = mean.to(device), std.to(device)
     if s.meta_optimizer == "adam":
         meta_opt: torch.optim.Optimizer = torch.optim.Adam(generator.parameters(), lr=s.meta_lr)
     else:  # classic Reptile: θ ← θ + ε(θ' − θ)
         meta_opt = torch.optim.SGD(generator.parameters(), lr=s.meta_lr)
+    with training_lock(cache_dir, key):  # parallel workers: one meta-trains, the others load its checkpoint
+        info, losses = _meta_train_locked(generator, meta_opt, fl_model, history, s, key, rounds=rounds, mean=mean,
+                                          std=std, num_classes=num_classes, cache_dir=cache_dir,
+                                          checkpoint_every=checkpoint_every)
+    if losses:
+        info["giml_inner_loss_last"] = losses[-1]
+    return generator.eval(), info
+
+
+def _meta_train_locked(
+    generator: DCGANGenerator, meta_opt: torch.optim.Optimizer, fl_model: nn.Module, history: GradientHistory,
+    s: MetaSettings, key: str, *, rounds: int, mean: torch.Tensor, std: torch.Tensor, num_classes: int,
+    cache_dir: str | None, checkpoint_every: int,
+) -> tuple[dict[str, Any], list[float]]:
+    """Resume from the latest checkpoint ≤ ``rounds`` and meta-train up to ``rounds`` (under the training lock)."""
     on_disk = _checkpoints(cache_dir, key)
     in_memory = {int(k.rsplit("round", 1)[1]): k for k in _MEMO if k.startswith(key + "-round")}
     available = sorted({t for t in [*on_disk, *in_memory] if t <= rounds})
@@ -232,8 +193,7 @@ def meta_train(
     info: dict[str, Any] = {"prior": f"{key}-round{rounds}", "prior_cached": start == rounds, "giml_rounds": rounds,
                             "giml_resumed_from": start}
     losses = []
-    for observed in simulate_federation(fl_model, public[0], public[1], rounds=rounds,
-                                        round_images=s.round_images, drift_lr=s.drift_lr, seed=s.seed, start=start):
+    for observed in history.rounds(fl_model, rounds=rounds, clients=s.round_images, start=start):
         generator.eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed * 1_000_003 + observed.round + 17)
@@ -246,9 +206,7 @@ def meta_train(
         t = observed.round
         if t == rounds or (checkpoint_every > 0 and t % checkpoint_every == 0):
             _checkpoint(cache_dir, f"{key}-round{t}", generator, meta_opt, fl_model, t)
-    if losses:
-        info["giml_inner_loss_last"] = losses[-1]
-    return generator.eval(), info
+    return info, losses
 
 
 def _untrained(image_shape: tuple[int, ...], s: MetaSettings) -> DCGANGenerator:
@@ -303,23 +261,22 @@ class GIML(GenerativeInversion):
     Prior", NeurIPS 2021, §4 (GIML).
 
     *Prior.* Starting from an untrained DCGAN generator (PyTorch default init, seeded
-    with ``meta_seed``), GIML observes ``meta_rounds`` earlier FL rounds of a simulated
-    federation (:func:`simulate_federation`): in every round ``round_images`` other
-    clients share the gradient of one image each, and the global model drifts by the
-    server's SGD step (``drift_lr``). For each round a GIAS-style inner adaptation
-    reconstructs the round's images from their gradients (latent search,
+    with ``meta_seed``), GIML observes ``meta_rounds`` earlier FL rounds of the
+    federation (``knowledge.history``, a :class:`defenda.federation.GradientHistory`):
+    in every round ``round_images`` other clients share the gradient of one image each,
+    and the global model drifts by the server's SGD step. For each round a GIAS-style
+    inner adaptation reconstructs the round's images from their gradients (latent search,
     ``inner_latent_iterations`` at ``inner_latent_lr`` with the penalty
     ``inner_latent_norm·‖z‖₂``, then ``inner_iterations`` of parameter search of one
-    generator copy at ``inner_lr``), and a Reptile meta-update (Adam at ``meta_lr`` on
-    ``Σ‖θ' − θ‖²``) moves the generator toward the adapted copy. The meta-learner sees
-    gradients only. The simulated clients' private data is the attacker-public split
-    (the harness gives an attack one update, not a history of other clients' rounds), so
-    the attack needs ``knowledge = ["public_data"]`` to *simulate* the federation; the
-    images are used only to produce the clients' gradients. The simulated global model
-    is a re-initialised copy of the victim model's architecture. The meta-learned
-    generator is checkpointed every ``checkpoint_every`` rounds in
-    ``knowledge.cache_dir/generators/`` (state_dicts, loaded with ``weights_only=True``)
-    and reused by later trials; more rounds resume from the latest checkpoint.
+    generator copy at ``inner_lr``; labels by iDLG), and a Reptile meta-update moves the
+    generator toward the adapted copy (``meta_optimizer``: SGD ``θ ← θ + meta_lr·(θ' − θ)``,
+    or the paper's Adam on ``½Σ‖θ' − θ‖²``). The meta-learner sees gradients only, so the
+    attack needs ``knowledge = ["gradient_history"]`` and never ``public_data``. The
+    federation's initial global model is the victim's architecture re-initialised with
+    ``meta_seed`` (the server chose it). The meta-learned generator is checkpointed every
+    ``checkpoint_every`` rounds in ``knowledge.cache_dir/generators/`` (state_dicts, loaded
+    with ``weights_only=True``) and reused by later trials; more rounds resume from the
+    latest checkpoint.
 
     *Attack.* GIAS with that generator: latent search then per-image parameter search,
     the same parameters and behaviour as ``gias``. ``meta_rounds = 0`` is GIAS with the
@@ -329,6 +286,8 @@ class GIML(GenerativeInversion):
 
     name = "giml"
     prior_source = "gradients"
+    requires = Requirements(updates=frozenset({"gradient", "delta"}), knowledge=frozenset({"gradient_history"}),
+                            task_kinds=frozenset({"image"}))
 
     @dataclass(frozen=True)
     class Params(SearchParams):
@@ -344,25 +303,23 @@ class GIML(GenerativeInversion):
                                     "(paper: Adam, 1e-2)")
         meta_optimizer: str = param("sgd", "Reptile meta step: Adam on ½Σ‖θ' − θ‖² (paper) or SGD, θ ← θ + meta_lr·(θ' − θ)",
                                     choices=("adam", "sgd"))
-        drift_lr: float = param(0.1, "server SGD step size of the simulated federation between rounds")
         checkpoint_every: int = param(10, "save a meta-training checkpoint every this many rounds")
-        meta_seed: int = param(0, "seed of the untrained generator, the simulated federation and the inner searches")
+        meta_seed: int = param(0, "seed of the untrained generator, the federation's initial model and the inner searches")
 
     def prior(self, model: nn.Module, knowledge: Knowledge) -> tuple[DCGANGenerator, dict[str, Any]]:
-        if knowledge.public is None:
-            raise ValueError("giml simulates the federation's other clients from the public split "
-                             "(grant knowledge 'public_data')")
+        if knowledge.history is None:
+            raise ValueError("giml learns its prior from earlier rounds' gradients "
+                             "(grant knowledge 'gradient_history')")
         p = self.params
         s = MetaSettings(
             latent_dim=p.latent_dim, width=p.width, round_images=p.round_images,
             inner_latent_iterations=p.inner_latent_iterations, inner_latent_lr=p.inner_latent_lr,
             inner_iterations=p.inner_iterations, inner_lr=p.inner_lr, inner_latent_norm=p.inner_latent_norm,
-            inner_tv=p.inner_tv, meta_lr=p.meta_lr, drift_lr=p.drift_lr, seed=p.meta_seed,
+            inner_tv=p.inner_tv, meta_lr=p.meta_lr, seed=p.meta_seed,
             meta_optimizer=p.meta_optimizer,
         )
-        public = (knowledge.public[0].detach().cpu().float(), knowledge.public[1].detach().cpu().long())
         with torch.enable_grad():
-            return meta_train(model, public, s, rounds=p.meta_rounds, image_shape=tuple(knowledge.input_shape),
+            return meta_train(model, knowledge.history, s, rounds=p.meta_rounds, image_shape=tuple(knowledge.input_shape),
                               mean=knowledge.mean.cpu(), std=knowledge.std.cpu(), num_classes=knowledge.num_classes,
                               cache_dir=knowledge.cache_dir, checkpoint_every=p.checkpoint_every,
                               device=knowledge.device)

@@ -40,6 +40,7 @@ from defenda_attacks._generators import (
     store_generator_state,
     to_model_space,
     train_gan_prior,
+    training_lock,
 )
 
 #: objective of a candidate batch in model space: (x, create_graph) -> (total loss, matching loss)
@@ -344,11 +345,15 @@ class GIAS(GenerativeInversion):
         state = cached_generator_state(key, knowledge.cache_dir)
         cached = state is not None
         if state is None:
-            trained = train_gan_prior(unit, latent_dim=p.latent_dim, width=p.width, steps=p.prior_steps,
-                                      batch_size=p.prior_batch, lr=p.prior_lr, shift=p.prior_shift,
-                                      seed=p.prior_seed, device=knowledge.device)
-            state = trained.state_dict()
-            store_generator_state(key, knowledge.cache_dir, state)
+            with training_lock(knowledge.cache_dir, key):
+                state = cached_generator_state(key, knowledge.cache_dir)  # another worker may have trained it
+                cached = state is not None
+                if state is None:
+                    trained = train_gan_prior(unit, latent_dim=p.latent_dim, width=p.width, steps=p.prior_steps,
+                                              batch_size=p.prior_batch, lr=p.prior_lr, shift=p.prior_shift,
+                                              seed=p.prior_seed, device=knowledge.device)
+                    state = trained.state_dict()
+                    store_generator_state(key, knowledge.cache_dir, state)
         load_generator_state(generator, state, key)
         return generator.eval(), {"prior": key, "prior_cached": cached}
 

@@ -33,7 +33,8 @@ from defenda_attacks._generators import (
 from defenda_attacks.geiping import Geiping
 from defenda_attacks.gias import GIAS
 from defenda_attacks.gias import gradient_matching_loss as shared_loss
-from defenda_attacks.giml import GIML, MetaSettings, meta_train, simulate_federation
+from defenda.federation import GradientHistory
+from defenda_attacks.giml import GIML, MetaSettings, meta_train
 
 
 @pytest.fixture(autouse=True)
@@ -56,8 +57,9 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _knowledge(data, y: torch.Tensor, cache_dir: str | None) -> Knowledge:
     return Knowledge(input_shape=data.input_shape, num_classes=data.num_classes, task_kind="image", mean=data.mean,
-                     std=data.std, granted=frozenset({"labels", "batch_size", "public_data"}), batch_size=len(y),
-                     labels=y, public=data.public, seed=0, cache_dir=cache_dir)
+                     std=data.std, granted=frozenset({"labels", "batch_size", "public_data", "gradient_history"}),
+                     batch_size=len(y), labels=y, public=data.public, history=GradientHistory(*data.public, lr=0.1),
+                     seed=0, cache_dir=cache_dir)
 
 
 def _prune(update: SharedUpdate, fraction: float) -> SharedUpdate:
@@ -184,6 +186,34 @@ def test_gias_prior_is_trained_once_and_cached_on_disk(digits, tmp_path: Path) -
     assert not marker.exists()
 
 
+def test_training_lock_makes_a_second_worker_wait(tmp_path: Path) -> None:
+    """Two workers reaching the same uncached prior: the second waits for the first, then loads."""
+    import threading
+    import time
+
+    from defenda_attacks._generators import training_lock
+
+    events: list[str] = []
+    inside = threading.Event()
+
+    def first() -> None:
+        with training_lock(str(tmp_path), "gias-gan-k"):
+            events.append("first in")
+            inside.set()
+            time.sleep(0.3)
+            events.append("first out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(5)
+    with training_lock(str(tmp_path), "gias-gan-k"):
+        events.append("second in")
+    t.join()
+    assert events == ["first in", "first out", "second in"]
+    with training_lock(None, "no-cache"):  # without a cache directory: no lock, no file
+        pass
+
+
 # ----------------------------------------------------------------------------- the attack's contract
 
 
@@ -198,8 +228,9 @@ def test_gias_and_giml_pass_the_attack_contract() -> None:
 
 
 def test_requirements_tell_the_threat_models_apart() -> None:
+    assert GIAS.requires.knowledge == frozenset({"public_data"})
+    assert GIML.requires.knowledge == frozenset({"gradient_history"})  # gradients only, never an image
     for cls in (GIAS, GIML):
-        assert cls.requires.knowledge == frozenset({"public_data"})
         assert cls.requires.task_kinds == frozenset({"image"})
         assert cls.requires.updates == frozenset({"gradient", "delta"})
     assert GIAS.prior_source == "public_data" and GIML.prior_source == "gradients"
@@ -220,6 +251,33 @@ def test_gias_is_skipped_without_public_data() -> None:
     case = make_tiny_case()
     reason = skip_reason(GIAS(), {"server": "honest", "update": "gradient", "knowledge": ["batch_size"]}, case.data)
     assert reason is not None and "public_data" in reason
+    reason = skip_reason(GIML(), {"server": "honest", "update": "gradient", "knowledge": ["public_data"]}, case.data)
+    assert reason is not None and "gradient_history" in reason
+
+
+def test_giml_meta_learns_from_gradients_only(digits, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GIML runs with no image at all in its knowledge: the public split is not granted."""
+    y = digits.train[1][:2]
+    torch.manual_seed(0)
+    model = SmallCNN(1, 8, 10).eval()
+    update = compute_update(model, digits.train[0][:2], y)
+    knowledge = Knowledge(input_shape=digits.input_shape, num_classes=10, task_kind="image", mean=digits.mean,
+                          std=digits.std, granted=frozenset({"gradient_history"}),
+                          history=GradientHistory(*digits.public, lr=0.1))
+    seen: list[int] = []
+    original = GradientHistory.rounds
+
+    def spy(self, *args, **kwargs):
+        for r in original(self, *args, **kwargs):
+            assert all(isinstance(g, torch.Tensor) for grads in r.gradients for g in grads)
+            seen.append(r.round)
+            yield r
+
+    monkeypatch.setattr(GradientHistory, "rounds", spy)
+    rec = GIML(meta_rounds=2, round_images=2, inner_latent_iterations=2, inner_iterations=2, latent_iterations=3,
+               iterations=3).reconstruct(update, model, knowledge)
+    assert seen == [1, 2] and rec.inputs.shape == (2, 1, 8, 8)
+    assert rec.info["prior_source"] == "gradients"
 
 
 def test_gias_uses_the_shared_matching_loss() -> None:
@@ -251,7 +309,7 @@ def test_simulated_federation_hands_out_gradients_and_drifts(digits) -> None:
     torch.manual_seed(0)
     model = SmallCNN(1, 8, 10).eval()
     before = [p.detach().clone() for p in model.parameters()]
-    rounds = list(simulate_federation(model, *digits.public, rounds=3, round_images=4, drift_lr=0.1, seed=0))
+    rounds = list(GradientHistory(*digits.public, lr=0.1).rounds(model, rounds=3, clients=4))
     assert [r.round for r in rounds] == [1, 2, 3]
     for r in rounds:
         assert len(r.gradients) == 4
@@ -262,7 +320,7 @@ def test_simulated_federation_hands_out_gradients_and_drifts(digits) -> None:
 def _meta_settings(**over) -> MetaSettings:
     base = dict(latent_dim=8, width=8, round_images=2, inner_latent_iterations=3, inner_latent_lr=0.03,
                 inner_iterations=3, inner_lr=1e-3, inner_latent_norm=1e-3, inner_tv=1e-4, meta_lr=1e-2,
-                drift_lr=0.1, seed=0)
+                seed=0)
     return MetaSettings(**{**base, **over})
 
 
@@ -272,18 +330,18 @@ def test_giml_checkpoints_resume_exactly(digits, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = SmallCNN(1, 8, 10).eval()
     common = dict(image_shape=(1, 8, 8), mean=digits.mean, std=digits.std, num_classes=10, checkpoint_every=2)
-    straight, info = meta_train(model, digits.public, _meta_settings(), rounds=4, cache_dir=None, **common)
+    straight, info = meta_train(model, GradientHistory(*digits.public, lr=0.1), _meta_settings(), rounds=4, cache_dir=None, **common)
     assert info["giml_resumed_from"] == 0
     _generators._MEMO.clear()
-    meta_train(model, digits.public, _meta_settings(), rounds=3, cache_dir=str(tmp_path), **common)
+    meta_train(model, GradientHistory(*digits.public, lr=0.1), _meta_settings(), rounds=3, cache_dir=str(tmp_path), **common)
     names = sorted(f.name.rsplit("-", 1)[1] for f in (tmp_path / "generators").glob("giml-*.pt"))
     assert names == ["round2.pt", "round3.pt"]
     _generators._MEMO.clear()
-    resumed, info = meta_train(model, digits.public, _meta_settings(), rounds=4, cache_dir=str(tmp_path), **common)
+    resumed, info = meta_train(model, GradientHistory(*digits.public, lr=0.1), _meta_settings(), rounds=4, cache_dir=str(tmp_path), **common)
     assert info["giml_resumed_from"] == 3
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=0)  # equal up to float summation order
-    untrained, _ = meta_train(model, digits.public, _meta_settings(), rounds=0, cache_dir=None, **common)
+    untrained, _ = meta_train(model, GradientHistory(*digits.public, lr=0.1), _meta_settings(), rounds=0, cache_dir=None, **common)
     assert any(not torch.equal(a, b) for a, b in zip(untrained.state_dict().values(),
                                                       straight.state_dict().values()))
     assert all(p.grad is None for p in model.parameters())

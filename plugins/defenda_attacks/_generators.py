@@ -17,7 +17,9 @@ Private helper module of the ``gias`` and ``giml`` attacks.
   are read with ``torch.load(..., weights_only=True)``: a file that is not a plain
   tensor dictionary (e.g. a pickle carrying code) is refused with
   :class:`CheckpointError`, never executed. Writes are atomic (temp file + rename),
-  so parallel workers that train the same prior never see half a file.
+  so parallel workers that train the same prior never see half a file, and
+  :func:`training_lock` makes the second worker wait for the first one's prior instead
+  of training it again.
 * :func:`cache_key` — a stable hash of the settings *and the data* the generator was
   trained from (the public split's bytes, or the model architecture for GIML), so one
   study trains each prior once.
@@ -28,11 +30,12 @@ Images: a generator's output ``G(z) ∈ [−1, 1]`` maps to model space as
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +305,29 @@ def store_generator_state(key: str, cache_dir: str | None, state: Mapping[str, t
     path = cache_path(cache_dir, key)
     if path is not None:
         save_state(cpu_state, path)
+
+
+@contextlib.contextmanager
+def training_lock(cache_dir: str | os.PathLike[str] | None, key: str) -> Iterator[None]:
+    """Hold ``cache_dir/generators/<key>.lock`` while training the prior ``key``.
+
+    Parallel workers of one study reach the same uncached prior at the same time; the
+    lock makes all but one wait and then load the cached result (callers check the cache
+    again inside the lock). Without a cache directory, or where ``fcntl`` is missing
+    (Windows), it does nothing: the worst case is training twice, which is still correct.
+    """
+    path = cache_path(cache_dir, key)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None  # type: ignore[assignment]
+    if path is None or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, also if the process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

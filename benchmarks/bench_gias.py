@@ -40,6 +40,7 @@ import torch
 
 from defenda.client import compute_update
 from defenda.data import load_digits_task
+from defenda.federation import GradientHistory
 from defenda.interfaces import Knowledge
 from defenda.metrics import apply_matching, psnr
 from defenda.models import SmallCNN
@@ -63,8 +64,9 @@ def trial(data: Any, attack: Any, seed: int, batch: int, cache: str, prune: floa
         update = Prune(fraction=prune).transform(update, gen)
     model.eval()
     know = Knowledge(input_shape=data.input_shape, num_classes=10, task_kind="image", mean=data.mean, std=data.std,
-                     granted=frozenset({"labels", "batch_size", "public_data"}), batch_size=batch, labels=y,
-                     public=data.public, seed=seed, cache_dir=cache)
+                     granted=frozenset({"labels", "batch_size", "public_data", "gradient_history"}),
+                     batch_size=batch, labels=y, public=data.public, history=GradientHistory(*data.public, lr=0.1),
+                     seed=seed, cache_dir=cache)
     torch.manual_seed(seed + 1)
     t0 = time.perf_counter()
     rec = attack.reconstruct(update, model, know)
@@ -108,7 +110,7 @@ def section_prior(data: Any, repeats: int, cache: str) -> dict[str, Any]:
     _generators._MEMO.clear()
     with tempfile.TemporaryDirectory() as tmp:
         know = Knowledge(input_shape=data.input_shape, num_classes=10, task_kind="image", mean=data.mean,
-                         std=data.std, public=data.public, cache_dir=tmp)
+                         std=data.std, history=GradientHistory(*data.public, lr=0.1), cache_dir=tmp)
         t0 = time.perf_counter()
         GIML().prior(SmallCNN(1, 8, 10), know)
         giml = time.perf_counter() - t0
@@ -120,7 +122,6 @@ def section_trial(seeds: list[int], cache: str, model: str | None = None) -> dic
     """Default-study GIAS trials through the real trial runner (prior cached by the first one)."""
     from defenda.plugins import get_plugins
     from defenda.study import default_study_path, parse_study
-    from defenda.testing import registered
     from defenda.trial import run_trial
 
     try:
@@ -143,12 +144,7 @@ def section_trial(seeds: list[int], cache: str, model: str | None = None) -> dic
         study = parse_study(raw, get_plugins().registry)
         return [run_trial({**t, "cache_dir": cache})[0] for t in study.trials()]
 
-    try:
-        get_plugins().registry.get("attack", "gias")
-        rows = run()
-    except Exception:  # not registered yet in this checkout: register the classes for the run
-        with registered(GIAS, GIML):
-            rows = run()
+    rows = run()
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
         raise RuntimeError(f"trial failed: {bad[0]['reason']}")
