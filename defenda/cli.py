@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a study (no file: the built-in default study)")
-    run.add_argument("study", nargs="?", help="study TOML file")
+    run.add_argument("study", nargs="?", help="study TOML file, or a built-in study: default, paper "
+                                              "(none: default)")
     run.add_argument("--out", default=None, help="output directory (default: runs/<study name>)")
     run.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     run.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 or auto (default cpu)")
@@ -84,12 +85,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from defenda.plugins import get_plugins
     from defenda.runner import run_study
-    from defenda.study import default_study_path, load_study
+    from defenda.study import load_study, resolve_study
 
     if args.workers < 1:
         raise DefendaError("--workers must be at least 1")
     plugins = get_plugins()
-    study = load_study(args.study or default_study_path(), plugins.registry)
+    study = load_study(resolve_study(args.study), plugins.registry)
     out = Path(args.out or Path("runs") / study.name)
     n = len(study.trials())
     print(f"defenda: study '{study.name}' ({n} trials) → {out}/results.sqlite", file=sys.stderr)

@@ -343,6 +343,24 @@ def check_against_data(study: Study, registry: Registry) -> list[str]:
     return notices
 
 
+def builtin_studies() -> dict[str, Path]:
+    """The study files shipped with the package, by name (``default``, ``paper``)."""
+    return {p.stem: p for p in sorted((Path(__file__).parent / "studies").glob("*.toml"))}
+
+
 def default_study_path() -> Path:
     """The built-in default study shipped with the package."""
-    return Path(__file__).parent / "studies" / "default.toml"
+    return builtin_studies()["default"]
+
+
+def resolve_study(arg: str | None) -> Path:
+    """A study argument: a file path, or the name of a built-in study (None: the default study)."""
+    if arg is None:
+        return default_study_path()
+    path = Path(arg)
+    builtin = builtin_studies()
+    if not path.exists() and arg in builtin:
+        return builtin[arg]
+    if not path.exists():
+        raise StudyError(f"{arg}: study file not found (built-in studies: {', '.join(builtin)})")
+    return path

@@ -19,6 +19,7 @@ import torch
 
 from defenda.client import compute_update
 from defenda.data import load_digits_task
+from defenda.federation import GradientHistory
 from defenda.interfaces import Knowledge, SharedUpdate
 from defenda.metrics import apply_matching, psnr
 from defenda.models import SmallCNN
@@ -33,7 +34,6 @@ from defenda_attacks._generators import (
 from defenda_attacks.geiping import Geiping
 from defenda_attacks.gias import GIAS
 from defenda_attacks.gias import gradient_matching_loss as shared_loss
-from defenda.federation import GradientHistory
 from defenda_attacks.giml import GIML, MetaSettings, meta_train
 
 

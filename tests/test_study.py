@@ -162,3 +162,20 @@ def test_the_default_study_runs_every_builtin_attack_and_defense(registry) -> No
     assert {a.name for a in study.attacks} == builtin["attack"]
     assert {d.name for d in study.defenses} == builtin["defense"]
     assert {t.name for t in study.tasks} == {"digits", "breast-cancer"}
+
+
+def test_builtin_studies_are_found_by_name(registry, tmp_path: Path) -> None:
+    from defenda.study import builtin_studies, resolve_study
+
+    assert set(builtin_studies()) >= {"default", "paper"}
+    assert resolve_study(None) == default_study_path()
+    paper = load_study(resolve_study("paper"), registry)
+    assert paper.settings["seeds"] == [0, 1, 2, 3, 4]
+    assert [t.name for t in paper.tasks if t.optional] == ["cifar10"]
+    default = load_study(default_study_path(), registry)
+    assert len(paper.defenses) > len(default.defenses)  # finer sweeps
+    own = tmp_path / "paper"  # a file of that name wins over the built-in
+    own.write_text('[study]\nname = "mine"\n[task]\nname = "digits"\n[[attacks]]\nname = "geiping"\n')
+    assert resolve_study(str(own)) == own
+    with pytest.raises(StudyError, match="built-in studies: default, paper"):
+        resolve_study("no-such-study")

@@ -49,6 +49,7 @@ from defenda_attacks._generators import (
 )
 from defenda_attacks.gias import GenerativeInversion, SearchParams, latent_search, parameter_search
 
+
 def reinitialised(model: nn.Module, seed: int) -> nn.Module:
     """A copy of ``model`` with freshly initialised weights (``reset_parameters`` of every module, seeded).
 
