@@ -2,10 +2,13 @@
 
 * Geiping's time per iteration through defenda against a bare PyTorch loop of the
   same math (sign-Adam on the global cosine + TV, boxed, step schedule), same run.
-* 2 local workers against 1 on the same study (speed-up).
-* ``--full``: wall time of the whole default study (``defenda run`` into a temp dir).
+* 2 local workers against 1 on the same study (speed-up): ``defenda run`` end to end,
+  process start, utility training, trials and the store included.
+* ``--full``: wall time of the whole default study with its report (``defenda run`` into a temp dir).
+* ``--attacks``: the attack benchmarks of the other issues (``bench_spear.py``,
+  ``bench_stein.py``, ``bench_gias.py --sections prior,trial``), run one after the other.
 
-Run: ``.venv/bin/python benchmarks/bench_harness.py [--repeats 5] [--full]``
+Run: ``.venv/bin/python benchmarks/bench_harness.py [--repeats 5] [--full] [--attacks]``
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ def geiping_overhead(repeats: int, iterations: int) -> dict[str, float]:
 WORKER_STUDY = """
 [study]
 name = "bench-workers"
-seeds = [0, 1, 2, 3, 4, 5, 6, 7]
-rounds = 60
+seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+rounds = 100
 [task]
 name = "digits"
 [[attacks]]
@@ -99,7 +102,7 @@ iterations = 300
 name = "none"
 [[defenses]]
 name = "gaussian-noise"
-std = 0.01
+std = [0.01, 0.1]
 """
 
 
@@ -130,6 +133,15 @@ def full_default(workers: int) -> dict[str, float]:
         return {f"default_study_s_workers{workers}": time.perf_counter() - t}
 
 
+def attack_benchmarks() -> None:
+    """The other issues' attack benchmarks, short settings; their own output is printed as it comes."""
+    here = Path(__file__).parent
+    for script, args in (("bench_spear.py", ["--repeats", "5"]), ("bench_stein.py", ["--repeats", "3"]),
+                         ("bench_gias.py", ["--sections", "prior,trial", "--repeats", "1"])):
+        print(f"\n## {script} {' '.join(args)}", flush=True)
+        subprocess.run([sys.executable, str(here / script), *args], check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
@@ -137,6 +149,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also time the whole default study")
     ap.add_argument("--workers", type=int, default=2, help="workers for --full")
     ap.add_argument("--skip-workers", action="store_true")
+    ap.add_argument("--attacks", action="store_true", help="also run the attack benchmarks (spear, stein, gias)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = geiping_overhead(args.repeats, args.iterations)
@@ -146,7 +159,9 @@ def main() -> None:
         print(json.dumps(results), flush=True)
     if args.full:
         results |= full_default(args.workers)
-    print(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2), flush=True)
+    if args.attacks:
+        attack_benchmarks()
 
 
 if __name__ == "__main__":

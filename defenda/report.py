@@ -120,39 +120,75 @@ def _worst_case(sub: Any, metric: str) -> Any:
     return w.assign(attack="worst case")
 
 
+#: PSNR above this is drawn at it (exact recoveries reach 150-250 dB and would flatten every other curve)
+PSNR_CEILING = 80.0
+
+
+def _annotations(d: Any) -> list[tuple[float, float, str]]:
+    """Point labels of one curve: every DP point with its ε, otherwise the weakest and strongest strength."""
+    dp = d["eps"].notna().any()
+    keep = d if dp or len(d) <= 2 else d.iloc[[0, -1]]
+    out = []
+    for _, r in keep.iterrows():
+        tag = f"{r['strength']:g}" if not np.isnan(r["strength"]) else ""
+        if r["eps"] is not None and not (isinstance(r["eps"], float) and np.isnan(r["eps"])):
+            tag += f" (ε={r['eps']:.2g})"
+        out.append((r["acc"], r["leak"], tag))
+    return out
+
+
 def _tradeoff_figure(sub: Any, task: str, metric: str, out: Path) -> Path:
     plt = _plt()
     attacks = sorted(sub["attack"].unique())
     panels = attacks + (["worst case"] if len(attacks) > 1 else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 4.0 * nrows + 0.9), squeeze=False)
     defenses = sorted(sub["defense"].unique(), key=lambda d: (d != "none", d))
-    for ax, attack in zip(axes[0], panels):
+    ceiling = PSNR_CEILING if metric == "psnr" else None
+    handles: dict[str, Any] = {}
+    for ax, attack in zip(axes.flat, panels):
         data = _worst_case(sub, metric) if attack == "worst case" else sub[sub["attack"] == attack]
         agg = _aggregate(data, metric)
+        clipped = False
+        if ceiling is not None:  # for display only: tables and exports keep the measured values
+            clipped = bool((agg["leak_hi"] > ceiling).any())
+            for col in ("leak", "leak_lo", "leak_hi"):
+                agg[col] = agg[col].clip(upper=ceiling)
         for i, defense in enumerate(defenses):
             d = agg[agg["defense"] == defense].sort_values("strength")
             if d.empty or d["leak"].isna().all():
                 continue
-            style = {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)]}
+            # "none" is the first defense and drawn as a black star, so curves start at the palette's
+            # first colour; Okabe-Ito's yellow (7th) is only reached with more than six defenses
+            k = i - 1 if defenses[0] == "none" else i
+            style = {"color": PALETTE[k % len(PALETTE)], "marker": MARKERS[k % len(MARKERS)]}
             if defense == "none":
-                ax.plot(d["acc"], d["leak"], linestyle="none", marker="*", markersize=14, color="black",
-                        label="no defense", zorder=5)
+                handles["no defense"] = ax.plot(d["acc"], d["leak"], linestyle="none", marker="*", markersize=15,
+                                                color="black", zorder=5)[0]
                 continue
-            ax.errorbar(d["acc"], d["leak"], xerr=[d["acc"] - d["acc_lo"], d["acc_hi"] - d["acc"]],
-                        yerr=[d["leak"] - d["leak_lo"], d["leak_hi"] - d["leak"]], capsize=2, label=defense,
-                        linewidth=1.4, markersize=5, **style)
-            for _, r in d.iterrows():
-                tag = f"{r['strength']:g}" if not np.isnan(r["strength"]) else ""
-                if r["eps"] is not None and not (isinstance(r["eps"], float) and np.isnan(r["eps"])):
-                    tag += f" (ε={r['eps']:.3g})"
-                ax.annotate(tag, (r["acc"], r["leak"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(attack)
+            handles[defense] = ax.errorbar(
+                d["acc"], d["leak"], xerr=[d["acc"] - d["acc_lo"], d["acc_hi"] - d["acc"]],
+                yerr=[d["leak"] - d["leak_lo"], d["leak_hi"] - d["leak"]], capsize=2, linewidth=1.4,
+                markersize=5, **style)
+            for x, y, tag in _annotations(d):
+                ax.annotate(tag, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points",
+                            color=style["color"])
+        if clipped:
+            ax.axhline(ceiling, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(f"≥ {ceiling:g} dB (exact) drawn here", (0.01, ceiling), xycoords=("axes fraction", "data"),
+                        xytext=(0, -10), textcoords="offset points", fontsize=7, color="grey")
+        ax.set_title(attack, fontsize=11)
         ax.set_xlabel("utility: test accuracy (fraction)")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"Privacy/utility on {task}\n(median over seeds; bars: min–max)", fontsize=10)
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(8, len(handles)), fontsize=9,
+               frameon=False)
+    fig.suptitle(f"Privacy/utility on {task}: one curve per defense, one point per strength "
+                 "(median over seeds, bars min–max; labels: weakest/strongest strength, ε for DP)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     path = out / f"tradeoff_{task}_{metric}.png"
     fig.savefig(path, dpi=130)
     fig.savefig(path.with_suffix(".svg"))
