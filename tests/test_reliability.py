@@ -200,7 +200,10 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -
 
 def test_ctrl_c_prints_how_to_resume_and_exits_nonzero(tmp_path: Path) -> None:
     study = tmp_path / "kills.toml"
-    study.write_text(KILL_STUDY.format(seeds=", ".join(str(i) for i in range(40))))
+    # 300 iterations per trial (~1 s): the study is still running when the signal arrives, however
+    # late a loaded machine lets this test see the third row (with 2 iterations it could finish first)
+    study.write_text(KILL_STUDY.format(seeds=", ".join(str(i) for i in range(40))).replace(
+        "iterations = 2", "iterations = 300"))
     out = tmp_path / "out"
     proc = subprocess.Popen(_run_cmd(study, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
