@@ -277,7 +277,9 @@ def _grid(store: Store, sub: Any, task: str, attack: str, out: Path, max_images:
     the same whatever the batch size; columns therefore line up across rows.
     """
     seeds = sorted(sub["seed"].unique())
-    per_seed = max(1, max_images // len(seeds))
+    # the same number of images per seed in every row (the smallest batch of the attack), so that
+    # column j shows the same private image in every row (large-batch rows have bigger batches)
+    per_seed = max(1, min(max_images // len(seeds), int(sub["batch_size"].min())))
     groups = sub.assign(order=sub["defense"] != "none", s=sub["strength"].fillna(-1.0))
     rows: list[tuple[str, np.ndarray]] = []
     truth: np.ndarray | None = None
@@ -301,7 +303,8 @@ def _grid(store: Store, sub: Any, task: str, attack: str, out: Path, max_images:
         return None
     plt = _plt()
     ncol = max(len(imgs) for _, imgs in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(0.9 * ncol + 1.8, 0.95 * len(rows)), squeeze=False)
+    width, height = 0.9 * ncol + 1.6, 0.95 * len(rows) + 0.45
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(width, height), squeeze=False)
     for i, (label, imgs) in enumerate(rows):
         for j in range(ncol):
             ax = axes[i][j]
@@ -314,8 +317,9 @@ def _grid(store: Store, sub: Any, task: str, attack: str, out: Path, max_images:
             else:
                 ax.axis("off")
         axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(f"{attack} on {task}: columns are seeds {', '.join(str(s) for s in seeds[:ncol])}", fontsize=8)
-    fig.subplots_adjust(left=0.3, wspace=0.05, hspace=0.1)
+    cols = ", ".join(str(s) for s in seeds) + ("" if per_seed == 1 else f" ({per_seed} images each)")
+    fig.suptitle(f"{attack} on {task}: columns: seeds {cols}", fontsize=8, y=1 - 0.1 / height)
+    fig.subplots_adjust(left=1.6 / width, right=0.99, top=1 - 0.4 / height, bottom=0.01, wspace=0.05, hspace=0.1)
     path = out / f"grid_{task}_{attack}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
