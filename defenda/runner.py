@@ -255,7 +255,8 @@ def run_study(
         todo = [t for t in trials if t["key"] not in done]
         counts["resumed"] = len(trials) - len(todo)
         utility_jobs = _utility_jobs(todo, store)
-        bar = Progress(len(utility_jobs) + len(todo), progress, study.name)
+        where = "dask" if executor == "dask" else f"{workers} worker{'s' if workers > 1 else ''}"
+        bar = Progress(len(utility_jobs) + len(todo), progress, f"{study.name} ({where})")  # one bar for all
         pool = make_executor(workers, executor, scheduler, **limits)
         try:
             ujobs = [(run_utility, (job, device), partial(failed_utility, job)) for job in utility_jobs]

@@ -205,7 +205,11 @@ def test_ctrl_c_prints_how_to_resume_and_exits_nonzero(tmp_path: Path) -> None:
     study.write_text(KILL_STUDY.format(seeds=", ".join(str(i) for i in range(40))).replace(
         "iterations = 2", "iterations = 300"))
     out = tmp_path / "out"
-    proc = subprocess.Popen(_run_cmd(study, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A background job of a non-interactive shell (nohup, `&`, some CI runners) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: give the child the default
+    # disposition, as a terminal's Ctrl-C would find it.
+    proc = subprocess.Popen(_run_cmd(study, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while _count(out / "results.sqlite") < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
