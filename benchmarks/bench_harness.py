@@ -91,7 +91,7 @@ def geiping_overhead(repeats: int, iterations: int) -> dict[str, float]:
 WORKER_STUDY = """
 [study]
 name = "bench-workers"
-seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
 rounds = 100
 [task]
 name = "digits"

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("study", nargs="?", help="study TOML file, or a built-in study: default, paper "
                                               "(none: default)")
     run.add_argument("--out", default=None, help="output directory (default: runs/<study name>)")
-    run.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    run.add_argument("--workers", type=_workers, default=1,
+                     help="local worker processes, or 'auto': one per CPU core this process may use (default 1)")
     run.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 or auto (default cpu)")
     run.add_argument("--executor", choices=("local", "dask"), default="local", help="where trials run")
     run.add_argument("--scheduler", default=None, help="Dask scheduler address (with --executor dask)")
@@ -51,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(kind, help=f"list registered {kind} with their parameters")
         s.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _workers(value: str) -> int:
+    """``--workers``: a positive integer, or ``auto`` (the CPU cores this process may use)."""
+    if value == "auto":
+        import os
+
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,8 +103,6 @@ def _run(args: argparse.Namespace) -> int:
     from defenda.runner import run_study
     from defenda.study import load_study, resolve_study
 
-    if args.workers < 1:
-        raise DefendaError("--workers must be at least 1")
     plugins = get_plugins()
     study = load_study(resolve_study(args.study), plugins.registry)
     out = Path(args.out or Path("runs") / study.name)

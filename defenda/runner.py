@@ -66,9 +66,11 @@ def _worker_main(conn: Any, threads: int, memory_gb: float, stage: Any) -> None:
     import torch
 
     from defenda import trial
+    from defenda.plugins import get_plugins
 
     torch.set_num_threads(threads)
     trial.STAGE = stage
+    get_plugins()  # load the plugins now, while the parent is still preparing the study
     while True:
         msg = conn.recv()
         if msg is None:
@@ -117,13 +119,17 @@ class IsolatedExecutor:
     def _spawn(self) -> _Worker:
         return _Worker(self.ctx, self.threads, self.memory_gb)
 
+    def start(self, jobs: int) -> None:
+        """Start the workers for ``jobs`` jobs now: their imports overlap the parent's preparation."""
+        while len(self.workers) < min(self.n, jobs):
+            self.workers.append(self._spawn())
+
     def map_unordered(self, jobs: list[Job]) -> Iterator[Any]:
         import time
         from multiprocessing.connection import wait
 
         pending = list(reversed(jobs))
-        while len(self.workers) < min(self.n, len(jobs)):
-            self.workers.append(self._spawn())
+        self.start(len(jobs))
         try:
             while pending or any(w.job for w in self.workers):
                 for w in self.workers:
@@ -163,13 +169,10 @@ class IsolatedExecutor:
         return job[2](reason, plugin)
 
     def close(self) -> None:
+        # Kill, not a polite stop: an idle worker holds nothing (results went to the parent's
+        # store, cache files are written atomically, a busy one is being abandoned anyway), and
+        # an interpreter with torch loaded takes about a second to tear down.
         for w in self.workers:
-            try:
-                if w.job is None and w.process.is_alive():
-                    w.conn.send(None)
-                    w.process.join(2)
-            except OSError:
-                pass
             w.kill()
         self.workers = []
 
@@ -244,21 +247,25 @@ def run_study(
     limits = {"timeout": float(study.settings["timeout"]), "memory_gb": float(study.settings["memory_limit_gb"])}
     if executor == "local" and workers == 1:
         set_plugins(plugins)  # in-process trials use exactly these plugins
-    for notice in check_against_data(study, plugins.registry):
-        print(f"defenda: {notice}", file=sys.stderr)
-    trials = interleave(study.trials())
-    counts = {"ok": 0, "error": 0, "skipped": 0, "resumed": 0}
-    with Store(out_dir) as store:
-        if retry_errors:
-            store.db.execute("DELETE FROM trials WHERE status='error'")
-        done = store.done_keys()
-        todo = [t for t in trials if t["key"] not in done]
-        counts["resumed"] = len(trials) - len(todo)
-        utility_jobs = _utility_jobs(todo, store)
-        where = "dask" if executor == "dask" else f"{workers} worker{'s' if workers > 1 else ''}"
-        bar = Progress(len(utility_jobs) + len(todo), progress, f"{study.name} ({where})")  # one bar for all
-        pool = make_executor(workers, executor, scheduler, **limits)
-        try:
+    pool = make_executor(workers, executor, scheduler, **limits)
+    bar: Progress | None = None
+    try:
+        start = getattr(pool, "start", None)
+        if start is not None:  # local workers import torch and the plugins while the data are checked
+            start(len(study.trials()))
+        for notice in check_against_data(study, plugins.registry):
+            print(f"defenda: {notice}", file=sys.stderr)
+        trials = interleave(study.trials())
+        counts = {"ok": 0, "error": 0, "skipped": 0, "resumed": 0}
+        with Store(out_dir) as store:
+            if retry_errors:
+                store.db.execute("DELETE FROM trials WHERE status='error'")
+            done = store.done_keys()
+            todo = [t for t in trials if t["key"] not in done]
+            counts["resumed"] = len(trials) - len(todo)
+            utility_jobs = _utility_jobs(todo, store)
+            where = "dask" if executor == "dask" else f"{workers} worker{'s' if workers > 1 else ''}"
+            bar = Progress(len(utility_jobs) + len(todo), progress, f"{study.name} ({where})")  # one bar for all
             ujobs = [(run_utility, (job, device), partial(failed_utility, job)) for job in utility_jobs]
             for row in pool.map_unordered(ujobs):
                 store.add_utility(row)
@@ -273,8 +280,9 @@ def run_study(
                 counts[row["status"]] += 1
                 plugins.notify_trial_finished(by_key[row["key"]], row)
                 bar.update(f"{row['attack']}/{row['defense']} {row['status']}")
-        finally:
-            pool.close()
+    finally:
+        pool.close()
+        if bar is not None:
             bar.close()
     return counts
 

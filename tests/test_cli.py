@@ -83,3 +83,18 @@ def test_run_then_report_from_a_subprocess(tmp_path: Path) -> None:
     assert "2 already stored" in again.stderr
     assert main(["report", str(out)]) == 0
     assert (out / "report" / "index.md").exists()
+
+
+def test_workers_accepts_auto_and_rejects_zero(capsys) -> None:
+    import os
+
+    from defenda.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--workers", "auto"])
+    assert args.workers == len(os.sched_getaffinity(0)) >= 1
+    assert build_parser().parse_args(["run", "--workers", "3"]).workers == 3
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args(["run", "--workers", bad])
+        assert info.value.code == 2
+        assert "--workers" in capsys.readouterr().err

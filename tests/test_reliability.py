@@ -166,7 +166,10 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -
     kills_wanted = int(os.environ.get("DEFENDA_KILL_LOOPS", "10"))
     n_seeds = 6 * kills_wanted
     study = tmp_path / "kills.toml"
-    study.write_text(KILL_STUDY.format(seeds=", ".join(str(i) for i in range(n_seeds))))
+    # 60 iterations (~0.1 s a trial): a run writes a few rows before its kill, so the study
+    # outlasts the wanted number of kills even on a quiet machine
+    study.write_text(KILL_STUDY.format(seeds=", ".join(str(i) for i in range(n_seeds))).replace(
+        "iterations = 2", "iterations = 60"))
     out = tmp_path / "out"
     db = out / "results.sqlite"
     rng = random.Random(1234)
