@@ -74,14 +74,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(_dispatch(args) or 0)
     except KeyboardInterrupt:
-        print("defenda: interrupted; every finished trial is saved. Run the same command again to resume.",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except DefendaError as exc:
         if args.debug:
             raise
         print(f"defenda: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        if not _caused_by_interrupt(exc):
+            raise
+        return _interrupted()  # a library turned Ctrl-C into its own exception while cleaning up
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in ``exc``'s chain of causes and contexts."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _interrupted() -> int:
+    print("defenda: interrupted; every finished trial is saved. Run the same command again to resume.",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -138,7 +138,9 @@ class Store:
             self.db.execute(f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({marks})", values)
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # Ctrl-C can land after COMMIT; a ROLLBACK then would fail and hide the interrupt
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
 
     def add_trial(self, row: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:

@@ -98,3 +98,26 @@ def test_workers_accepts_auto_and_rejects_zero(capsys) -> None:
             build_parser().parse_args(["run", "--workers", bad])
         assert info.value.code == 2
         assert "--workers" in capsys.readouterr().err
+
+
+def test_an_interrupt_hidden_in_a_library_error_is_still_an_interrupt(monkeypatch, capsys) -> None:
+    import sqlite3
+
+    import defenda.cli as cli
+
+    def dispatch(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise sqlite3.OperationalError("cannot rollback - no transaction is active") from None
+
+    monkeypatch.setattr(cli, "_dispatch", dispatch)
+    assert cli.main(["plugins"]) == 130
+    assert "same command again to resume" in capsys.readouterr().err
+
+    def other(args):
+        raise ValueError("a real bug")
+
+    monkeypatch.setattr(cli, "_dispatch", other)
+    with pytest.raises(ValueError):
+        cli.main(["plugins"])
