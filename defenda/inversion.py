@@ -13,6 +13,10 @@ optimise (pixels, latents, generator weights):
 * :func:`recover_labels` / :func:`estimate_batch_size` — analytic label and
   batch-size inference from the last linear layer (iDLG; Wainakh et al.'s
   bias-corrected count for batches).
+* :func:`infer_labels` — the batch size and labels an attack works with: granted
+  knowledge first, the analytic recovery above otherwise.
+* :func:`use_masks` — whether to compare only the kept coordinates of a pruned update.
+* :func:`on_device` — the victim model on the attack's device (a copy only when needed).
 * :func:`multistep_schedule` — MultiStepLR at 3/8, 5/8, 7/8 of the run, γ = 0.1.
 
 Tensors are in model space; shared updates follow :class:`defenda.interfaces.SharedUpdate`.
@@ -20,6 +24,7 @@ Tensors are in model space; shared updates follow :class:`defenda.interfaces.Sha
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -30,7 +35,7 @@ from torch.func import functional_call
 from defenda.client import loss_fn
 
 if TYPE_CHECKING:
-    from defenda.interfaces import SharedUpdate
+    from defenda.interfaces import Knowledge, SharedUpdate
 
 Cost = Literal["cosine", "l2"]
 
@@ -269,6 +274,36 @@ def recover_labels(
         labels.append(c)
         signal[c] -= impact
     return torch.tensor(sorted(labels), dtype=torch.long)
+
+
+def infer_labels(update: SharedUpdate, model: nn.Module, knowledge: Knowledge) -> tuple[int, torch.Tensor, bool]:
+    """``(B̂, labels, known)``: granted labels first, then the granted batch size or its
+    estimate with analytic label recovery (:func:`recover_labels`)."""
+    if knowledge.labels is not None:
+        labels = torch.as_tensor(knowledge.labels).long().flatten()
+        return len(labels), labels, True
+    if knowledge.batch_size is not None:
+        batch_size = int(knowledge.batch_size)
+    else:
+        batch_size = estimate_batch_size(update, model, knowledge.num_classes)
+    return batch_size, recover_labels(update, model, batch_size, knowledge.num_classes), False
+
+
+def use_masks(mode: str, update: SharedUpdate) -> bool:
+    """Whether to compare only kept coordinates: forced by ``mode`` (``always``/``never``), else
+    (``auto``) when ``update.meta`` says the update was pruned or sparsified."""
+    if mode != "auto":
+        return mode == "always"
+    return any(("prun" in k or "sparsi" in k) and update.meta[k] for k in update.meta)
+
+
+def on_device(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model`` itself when it already lives on ``device``, else a copy moved there."""
+    first = next(model.parameters(), None)
+    device = torch.device(device)
+    if first is None or (first.device.type == device.type and device.index in (None, first.device.index)):
+        return model
+    return copy.deepcopy(model).to(device)
 
 
 # --------------------------------------------------------------------------- optimisation

@@ -14,6 +14,19 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (attack modules: ``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Small-model attacks are no faster with two threads, and their results depend on the
+    thread count through float summation order.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _plugin_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts with no plugin switches set and a fresh process-wide plugin set."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,13 +35,7 @@ from defenda_attacks.gias import GIAS
 from defenda_attacks.gias import gradient_matching_loss as shared_loss
 from defenda_attacks.giml import GIML, MetaSettings, meta_train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ from defenda.params import validate_params_class
 from defenda_attacks._spear_core import spear_recover
 from defenda_attacks.spear import Spear, find_linear_relu
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,13 +12,14 @@ from defenda import param
 from defenda.interfaces import Attack, Knowledge, Reconstruction, Requirements, SharedUpdate
 from defenda.inversion import (
     clamp_box,
-    estimate_batch_size,
+    infer_labels,
     matching_loss,
     multistep_schedule,
+    on_device,
     predicted_update,
     pruning_masks,
-    recover_labels,
     total_variation,
+    use_masks,
 )
 
 
@@ -79,7 +79,7 @@ class Geiping(Attack):
 
     def reconstruct(self, update: SharedUpdate, model: nn.Module, knowledge: Knowledge) -> Reconstruction:
         device = knowledge.device
-        model = _on_device(model, device)
+        model = on_device(model, device)
         was_training = model.training
         model.eval()
         try:
@@ -95,9 +95,9 @@ class Geiping(Attack):
         p = self.params
         dtype = next(model.parameters()).dtype
         observed = [t.detach().to(device=device, dtype=dtype) for t in update.tensors]
-        batch_size, labels, known = self._labels(update, model, knowledge)
+        batch_size, labels, known = infer_labels(update, model, knowledge)
         labels = labels.to(device)
-        masks = pruning_masks(observed) if self._use_masks(update) else None
+        masks = pruning_masks(observed) if use_masks(p.masked, update) else None
         image = knowledge.task_kind == "image" and len(knowledge.input_shape) == 3
         box = knowledge.box if (p.boxed and image) else None
         lr = p.local_lr or knowledge.lr or None
@@ -150,31 +150,3 @@ class Geiping(Attack):
         if self.params.init == "rand":
             return torch.rand(shape) * 2 - 1
         return torch.randn(shape)
-
-    def _labels(
-        self, update: SharedUpdate, model: nn.Module, knowledge: Knowledge
-    ) -> tuple[int, torch.Tensor, bool]:
-        """(B̂, labels, known): granted knowledge first, analytic recovery otherwise."""
-        if knowledge.labels is not None:
-            labels = torch.as_tensor(knowledge.labels).long().flatten()
-            return len(labels), labels, True
-        if knowledge.batch_size is not None:
-            batch_size = int(knowledge.batch_size)
-        else:
-            batch_size = estimate_batch_size(update, model, knowledge.num_classes)
-        return batch_size, recover_labels(update, model, batch_size, knowledge.num_classes), False
-
-    def _use_masks(self, update: SharedUpdate) -> bool:
-        mode = self.params.masked
-        if mode != "auto":
-            return mode == "always"
-        return any(("prun" in k or "sparsi" in k) and update.meta[k] for k in update.meta)
-
-
-def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` itself when it already lives on ``device``, else a copy moved there."""
-    first = next(model.parameters(), None)
-    device = torch.device(device)
-    if first is None or (first.device.type == device.type and device.index in (None, first.device.index)):
-        return model
-    return copy.deepcopy(model).to(device)

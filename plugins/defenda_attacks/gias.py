@@ -10,7 +10,6 @@ same code ``geiping`` uses.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,13 +22,14 @@ from torch.func import functional_call, vmap
 from defenda import param
 from defenda.interfaces import Attack, Knowledge, Reconstruction, Requirements, SharedUpdate, TaskData
 from defenda.inversion import (
-    estimate_batch_size,
     gradient_matching_loss,
+    infer_labels,
     multistep_schedule,
+    on_device,
     predicted_update,
     pruning_masks,
-    recover_labels,
     total_variation,
+    use_masks,
 )
 from defenda_attacks._generators import (
     DCGANGenerator,
@@ -211,7 +211,7 @@ class GenerativeInversion(Attack):
         if reason:
             raise ValueError(reason)
         device = knowledge.device
-        model = _on_device(model, device)
+        model = on_device(model, device)
         was_training = model.training
         model.eval()
         try:
@@ -356,34 +356,3 @@ class GIAS(GenerativeInversion):
                     store_generator_state(key, knowledge.cache_dir, state)
         load_generator_state(generator, state, key)
         return generator.eval(), {"prior": key, "prior_cached": cached}
-
-
-# --------------------------------------------------------------------------- helpers shared with giml
-
-
-def infer_labels(update: SharedUpdate, model: nn.Module, knowledge: Knowledge) -> tuple[int, torch.Tensor, bool]:
-    """(B̂, labels, known): granted knowledge first, analytic recovery otherwise (as ``geiping``)."""
-    if knowledge.labels is not None:
-        labels = torch.as_tensor(knowledge.labels).long().flatten()
-        return len(labels), labels, True
-    if knowledge.batch_size is not None:
-        batch_size = int(knowledge.batch_size)
-    else:
-        batch_size = estimate_batch_size(update, model, knowledge.num_classes)
-    return batch_size, recover_labels(update, model, batch_size, knowledge.num_classes), False
-
-
-def use_masks(mode: str, update: SharedUpdate) -> bool:
-    """Whether to compare only kept coordinates: forced by ``mode``, else when ``update.meta`` says pruned."""
-    if mode != "auto":
-        return mode == "always"
-    return any(("prun" in k or "sparsi" in k) and update.meta[k] for k in update.meta)
-
-
-def _on_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` itself when it already lives on ``device``, else a copy moved there."""
-    first = next(model.parameters(), None)
-    device = torch.device(device)
-    if first is None or (first.device.type == device.type and device.index in (None, first.device.index)):
-        return model
-    return copy.deepcopy(model).to(device)
