@@ -250,12 +250,14 @@ def run_study(
     pool = make_executor(workers, executor, scheduler, **limits)
     bar: Progress | None = None
     try:
+        trials = study.trials()
         start = getattr(pool, "start", None)
         if start is not None:  # local workers import torch and the plugins while the data are checked
-            start(len(study.trials()))
-        for notice in check_against_data(study, plugins.registry):
+            start(len(trials))
+        notices = check_against_data(study, plugins.registry)
+        for notice in notices:
             print(f"defenda: {notice}", file=sys.stderr)
-        trials = interleave(study.trials())
+        trials = interleave(study.trials() if notices else trials)  # notices: optional tasks were dropped
         counts = {"ok": 0, "error": 0, "skipped": 0, "resumed": 0}
         with Store(out_dir) as store:
             if retry_errors:
