@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from defenda.errors import ParamError
-from defenda.interfaces import Defense, SharedUpdate, UpdateKind
+from defenda.interfaces import Defense
+from defenda.records import RoundSettings, SharedUpdate
 from defenda.registry import Registry
 
 SEPARATOR = "+"
@@ -50,11 +51,9 @@ class ComposedDefense(Defense):
                 raise ParamError(f"defense '{later.name}' computes its own update, so it must come first "
                                  f"in a composition")
 
-    def client_update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, kind: UpdateKind = "gradient",
-                      local_steps: int = 1, lr: float = 0.1,
+    def client_update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: RoundSettings,
                       generator: torch.Generator | None = None) -> SharedUpdate:
-        update = self.parts[0].client_update(model, x, y, kind=kind, local_steps=local_steps, lr=lr,
-                                             generator=generator)
+        update = self.parts[0].client_update(model, x, y, settings, generator)
         for part in self.parts[1:]:
             update = part.transform(update, generator)
         return update

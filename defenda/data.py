@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from defenda.errors import DataError
-from defenda.interfaces import TaskData, TaskKind
+from defenda.records import TaskData, TaskKind
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 

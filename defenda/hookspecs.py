@@ -7,7 +7,7 @@ below. Rules (each matches a pluggy sharp edge):
 * implement a hook with the same name and accept only the arguments you use;
 * never give a hookimpl argument a default value (pluggy will not pass it);
 * point the entry point at a module, not a class;
-* keep the module import-light: import torch-heavy code inside your classes' methods.
+* keep the plugin module fast to import: import torch-heavy code inside your classes' methods.
 
 Example::
 
@@ -79,6 +79,13 @@ def defenda_trial_finished(trial: dict[str, Any], result: dict[str, Any]) -> Non
     Called in the process that writes the store, after the row is committed.
     An exception here is reported once and does not stop the study.
 
-    :param trial: the trial's specification (task, attack, defense, params, batch_size, seed, key).
-    :param result: the stored row (status, reason, metrics, test_acc, epsilon, timings).
+    Both arguments are JSON-friendly dicts (send them to a tracker as they are).
+
+    :param trial: the trial's specification, :meth:`defenda.harness.jobs.Trial.to_dict`: ``key``,
+        ``study``, ``task``/``task_params``, ``attack``/``attack_params``, ``defense``/``defense_params``,
+        ``strength``, ``batch_size``, ``seed``, ``server``, ``knowledge`` (granted flags), the federation
+        settings (``rounds``, ``client_batch_size``, ``lr``, ``update``, ``local_steps``, ``delta``),
+        ``timeout``, ``save_reconstructions``, ``utility_key`` and ``utility`` (the training run's spec).
+    :param result: the stored row (status, reason, metrics, test_acc, epsilon, timings), the
+        columns of :data:`defenda.harness.store.TRIAL_COLUMNS`.
     """

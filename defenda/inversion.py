@@ -15,11 +15,11 @@ optimise (pixels, latents, generator weights):
   bias-corrected count for batches).
 * :func:`infer_labels` — the batch size and labels an attack works with: granted
   knowledge first, the analytic recovery above otherwise.
-* :func:`use_masks` — whether to compare only the kept coordinates of a pruned update.
+* :func:`update_masks` — the kept coordinates of a pruned update, to compare only those.
 * :func:`on_device` — the victim model on the attack's device (a copy only when needed).
 * :func:`multistep_schedule` — MultiStepLR at 3/8, 5/8, 7/8 of the run, γ = 0.1.
 
-Tensors are in model space; shared updates follow :class:`defenda.interfaces.SharedUpdate`.
+Tensors are in model space; shared updates follow :class:`defenda.records.SharedUpdate`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from defenda.client import loss_fn
+from defenda.federation.client import loss_fn
 
 if TYPE_CHECKING:
-    from defenda.interfaces import Knowledge, SharedUpdate
+    from defenda.records import Knowledge, SharedUpdate
 
 Cost = Literal["cosine", "l2"]
 
@@ -147,7 +147,7 @@ def simulate_delta(
 ) -> list[torch.Tensor]:
     """FedAvg client, unrolled: ``θ_after − θ_before`` after ``local_steps`` full-batch SGD steps.
 
-    Mirrors :func:`defenda.client.weight_delta`, but differentiable in ``x``.
+    Mirrors :func:`defenda.federation.client.weight_delta`, but differentiable in ``x``.
     """
     names, params = _params(model)
     current = list(params)
@@ -289,12 +289,18 @@ def infer_labels(update: SharedUpdate, model: nn.Module, knowledge: Knowledge) -
     return batch_size, recover_labels(update, model, batch_size, knowledge.num_classes), False
 
 
-def use_masks(mode: str, update: SharedUpdate) -> bool:
-    """Whether to compare only kept coordinates: forced by ``mode`` (``always``/``never``), else
-    (``auto``) when ``update.meta`` says the update was pruned or sparsified."""
-    if mode != "auto":
-        return mode == "always"
-    return any(("prun" in k or "sparsi" in k) and update.meta[k] for k in update.meta)
+def update_masks(mode: str, update: SharedUpdate) -> list[torch.Tensor | None] | None:
+    """The masks for masked matching, or None to compare every coordinate.
+
+    ``"auto"``: the coordinates the defense declared kept (:attr:`SharedUpdate.masks`,
+    set by pruning and Soteria); ``"always"``: those, else the observed non-zero
+    coordinates; ``"never"``: None.
+    """
+    if mode == "never":
+        return None
+    if mode == "always" and update.masks is None:
+        return list(pruning_masks(update.tensors))
+    return update.masks
 
 
 def on_device(model: nn.Module, device: torch.device | str) -> nn.Module:

@@ -144,3 +144,12 @@ def build_model(
             raise ValueError("model 'resnet18' needs image inputs (C, H, W); use 'mlp' for tabular tasks")
         return ResNet18(input_shape[0], num_classes, norm=norm)
     raise ValueError(f"unknown model {arch!r}; choose one of ['mlp', 'cnn', 'resnet18']")
+
+
+def bn_stats(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The running mean and variance of every BatchNorm layer of ``model`` (empty without one):
+    what an attacker granted the ``bn_stats`` knowledge flag is told."""
+    return {name: (m.running_mean.detach().clone(), m.running_var.detach().clone())
+            for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+            and m.running_var is not None}

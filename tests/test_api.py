@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import defenda
-from defenda.client import gradient
 from defenda.errors import DefendaError
+from defenda.federation.client import gradient
 from defenda.models import SmallCNN
 
 
@@ -42,6 +42,15 @@ def test_reconstruct_accepts_named_gradients_and_checks_them() -> None:
         defenda.reconstruct("geiping", model, grads)
     with pytest.raises(Exception, match="unknown parameter 'iters'"):
         defenda.reconstruct("geiping", model, grads, input_shape=(1, 8, 8), iters=5)
+
+
+def test_reconstruct_reads_the_input_shape_off_a_first_linear_layer() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    x = torch.randn(1, 30)
+    rec = defenda.reconstruct("spear", model, gradient(model, x, torch.tensor([1])), batch_size=1, image=False)
+    assert rec.inputs.shape == (1, 30)  # no input_shape given: the first nn.Linear states (30,)
+    assert torch.allclose(rec.inputs, x, atol=1e-4)
 
 
 def test_run_study_returns_a_dataframe(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""Federated client simulation: the honest update a client shares (FedSGD or FedAvg)."""
+"""The federated client: the honest update a client shares (FedSGD gradient or FedAvg delta), and the server step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from defenda.interfaces import SharedUpdate, UpdateKind
+from defenda.records import RoundSettings, SharedUpdate
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -35,26 +35,18 @@ def weight_delta(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, local_st
     return [(a.detach() - b.detach()) for a, b in zip(local.parameters(), model.parameters())]
 
 
-def compute_update(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    kind: UpdateKind = "gradient",
-    local_steps: int = 1,
-    lr: float = 0.1,
-) -> SharedUpdate:
-    """The honest (undefended) update of ``model`` on the batch ``(x, y)``."""
+def compute_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   settings: RoundSettings | None = None) -> SharedUpdate:
+    """The honest (undefended) update of ``model`` on the batch ``(x, y)`` under the round's ``settings``
+    (default: a FedSGD gradient at lr 0.1)."""
+    settings = settings or RoundSettings()
     names = [n for n, _ in model.named_parameters()]
-    if kind == "gradient":
+    if settings.kind == "gradient":
         tensors = gradient(model, x, y)
-        return SharedUpdate(tensors=tensors, names=names, kind=kind, batch_size=len(x), lr=lr)
-    if kind == "delta":
-        tensors = weight_delta(model, x, y, local_steps=local_steps, lr=lr)
-        return SharedUpdate(
-            tensors=tensors, names=names, kind=kind, batch_size=len(x), local_steps=local_steps, lr=lr
-        )
-    raise ValueError(f"unknown update kind {kind!r}; use 'gradient' or 'delta'")
+        return SharedUpdate(tensors=tensors, names=names, kind="gradient", batch_size=len(x), lr=settings.lr)
+    tensors = weight_delta(model, x, y, local_steps=settings.local_steps, lr=settings.lr)
+    return SharedUpdate(tensors=tensors, names=names, kind="delta", batch_size=len(x),
+                        local_steps=settings.local_steps, lr=settings.lr)
 
 
 def apply_update(model: nn.Module, update: SharedUpdate, server_lr: float) -> None:

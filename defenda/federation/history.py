@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from defenda.inversion import parameter_gradients
+from defenda.federation.client import gradient
 
 
 @dataclass
@@ -97,7 +97,7 @@ class GradientHistory:
         x, y = self._x.to(device), self._y.to(device)
         for t in range(start + 1, rounds + 1):
             grads = [
-                [g.detach() for g in parameter_gradients(model, x[i : i + 1], y[i : i + 1], create_graph=False)]
+                gradient(model, x[i : i + 1], y[i : i + 1])
                 for i in self._clients(t, clients)
             ]
             yield ObservedRound(round=t, model=model, gradients=grads, names=names)
