@@ -27,8 +27,8 @@ from torch.nn import functional as F
 
 
 def _digit_case(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[torch.Tensor], object]:
-    from defenda.client import gradient
     from defenda.data import load_digits_task
+    from defenda.federation.client import gradient
     from defenda.models import SmallCNN
 
     data = load_digits_task()
@@ -63,15 +63,13 @@ def bare_loop(model: torch.nn.Module, y: torch.Tensor, grads: list[torch.Tensor]
 
 
 def geiping_overhead(repeats: int, iterations: int) -> dict[str, float]:
-    from defenda.interfaces import Knowledge, SharedUpdate
+    from defenda import Knowledge, SharedUpdate
     from defenda_attacks.geiping import Geiping
 
     model, x, y, grads, data = _digit_case()
     model.eval()
     lo, hi = data.box  # type: ignore[attr-defined]
-    know = Knowledge(input_shape=data.input_shape, num_classes=10, task_kind="image",  # type: ignore[attr-defined]
-                     mean=data.mean, std=data.std, granted=frozenset({"batch_size", "labels"}),  # type: ignore
-                     batch_size=1, labels=y)
+    know = Knowledge(space=data.space, batch_size=1, labels=y)  # type: ignore[attr-defined]
     update = SharedUpdate(grads, [n for n, _ in model.named_parameters()])
     attack = Geiping(iterations=iterations)
     ours, bare = [], []

@@ -108,7 +108,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args)
     if args.command == "report":
-        from defenda.report import write_report
+        from defenda.harness.report import write_report
 
         index = write_report(args.dir, args.out, metric=args.metric)
         print(f"report written: {index}")
@@ -119,9 +119,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from defenda.harness.runner import run_study
+    from defenda.harness.study import load_study, resolve_study
     from defenda.plugins import get_plugins
-    from defenda.runner import run_study
-    from defenda.study import load_study, resolve_study
 
     plugins = get_plugins()
     study = load_study(resolve_study(args.study), plugins.registry)
@@ -134,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"defenda: {counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} errors, "
           f"{counts['resumed']} already stored", file=sys.stderr)
     if args.report:
-        from defenda.report import write_report
+        from defenda.harness.report import write_report
 
         print(f"report written: {write_report(out, args.report)}", file=sys.stderr)
     return 0

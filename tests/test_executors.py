@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_STUDY
+from defenda.harness.runner import run_study
+from defenda.harness.study import parse_study
 from defenda.plugins import load_plugins
-from defenda.runner import run_study
-from defenda.study import parse_study
 
 COLS = ("key", "status", "psnr", "ssim", "label_acc", "test_acc")
 

@@ -11,7 +11,7 @@ from defenda.plugins import load_plugins
 GOOD = """
 from dataclasses import dataclass
 from defenda import hookimpl, param
-from defenda.interfaces import Defense
+from defenda import Defense
 
 @dataclass(frozen=True)
 class P:
@@ -172,10 +172,9 @@ def test_third_party_metric_and_task_are_used_by_a_study(tmp_path) -> None:
     import types
     from dataclasses import dataclass
 
-    from defenda import hookimpl, param
-    from defenda.interfaces import Metric, Task
-    from defenda.runner import run_study
-    from defenda.study import parse_study
+    from defenda import Metric, Task, hookimpl, param
+    from defenda.harness.runner import run_study
+    from defenda.harness.study import parse_study
 
     class L1(Metric):
         """Mean absolute error in model space."""

@@ -20,16 +20,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from defenda.errors import StudyError
+from defenda.harness.runner import run_study
+from defenda.harness.study import load_study, parse_study
 from defenda.plugins import load_plugins
-from defenda.runner import run_study
-from defenda.study import load_study, parse_study
 
 HOSTILE = '''
 import time
 from dataclasses import dataclass
 import torch
 from defenda import hookimpl, param
-from defenda.interfaces import Attack, Defense, Reconstruction
+from defenda import Attack, Defense, Reconstruction
 
 class Hang(Attack):
     """Never returns."""

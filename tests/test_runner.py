@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from conftest import TINY_STUDY
-from defenda import hookimpl
+from defenda import Attack, Reconstruction, Requirements, hookimpl
 from defenda.errors import StoreError
-from defenda.interfaces import Attack, Reconstruction, Requirements
+from defenda.harness.runner import run_study
+from defenda.harness.store import Store
+from defenda.harness.study import parse_study
 from defenda.plugins import load_plugins
-from defenda.runner import run_study
-from defenda.store import Store
-from defenda.study import parse_study
 
 
 class Crash(BaseException):
@@ -76,7 +75,7 @@ def test_resume_after_crash_loses_nothing_and_duplicates_nothing(tmp_path: Path)
     assert counts["resumed"] == 2 and counts["ok"] == 4
     rows = _rows(tmp_path)
     assert len(rows) == 6 and len({r["key"] for r in rows}) == 6
-    assert {r["key"] for r in rows} == {t["key"] for t in study.trials()}
+    assert {r["key"] for r in rows} == {t.key for t in study.trials()}
     before = {r["key"]: r for r in first}
     for r in rows:  # rows from the first run are untouched
         if r["key"] in before:
@@ -165,7 +164,7 @@ def test_incompatible_results_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_report_has_tradeoff_and_grids(tmp_path: Path) -> None:
-    from defenda.report import write_report
+    from defenda.harness.report import write_report
 
     plugins = load_plugins()
     run_study(_study(plugins), tmp_path, progress=False, plugins=plugins)
@@ -185,8 +184,9 @@ def test_report_has_tradeoff_and_grids(tmp_path: Path) -> None:
 
 
 def test_composed_defense_chains_transforms() -> None:
-    from defenda.client import compute_update
+    from defenda import RoundSettings
     from defenda.compose import make_defense
+    from defenda.federation.client import compute_update
     from defenda.models import SmallCNN
 
     registry = load_plugins().registry
@@ -199,7 +199,7 @@ def test_composed_defense_chains_transforms() -> None:
         make_defense(registry, "gaussian-noise+gaussian-noise", {})
     # clip the update to norm 1e-3 (no noise), then the no-op stage
     composed = make_defense(registry, "gaussian-noise+none", {"gaussian-noise": {"std": 0.0, "clip": 1e-3}})
-    out = composed.client_update(model, x, y, generator=torch.Generator().manual_seed(0))
+    out = composed.client_update(model, x, y, RoundSettings(), torch.Generator().manual_seed(0))
     norm = torch.sqrt(sum((t ** 2).sum() for t in out.tensors))
     assert abs(float(norm) - 1e-3) < 1e-6
     assert torch.sqrt(sum((t ** 2).sum() for t in honest.tensors)) > 1e-2

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import TINY_STUDY
 from defenda.errors import StudyError
+from defenda.harness.study import default_study_path, load_study, parse_study
 from defenda.plugins import load_plugins
-from defenda.study import default_study_path, load_study, parse_study
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_default_study_parses(registry) -> None:
     n_def = sum(1 for _ in study.defenses)
     assert len(trials) == len(study.tasks) * len(study.attacks) * n_def * len(study.settings["batch_sizes"]) \
         * len(study.settings["seeds"])
-    assert len({t["key"] for t in trials}) == len(trials)
+    assert len({t.key for t in trials}) == len(trials)
 
 
 def test_list_values_are_sweeps_and_keys_are_stable(registry) -> None:
@@ -34,12 +34,12 @@ def test_list_values_are_sweeps_and_keys_are_stable(registry) -> None:
     trials = study.trials()
     assert len(trials) == 3 * 2
     again = parse_study(copy.deepcopy(TINY_STUDY), registry).trials()
-    assert [t["key"] for t in trials] == [t["key"] for t in again]
+    assert [t.key for t in trials] == [t.key for t in again]
     # utility does not depend on the attack: same key for the same (task, defense, strength, seed)
     raw = copy.deepcopy(TINY_STUDY)
     raw["attacks"].append({"name": "geiping", "iterations": 20})
     two = parse_study(raw, registry).trials()
-    assert len({t["utility_key"] for t in two}) == len({t["utility_key"] for t in trials}) == 6
+    assert len({t.utility_key for t in two}) == len({t.utility_key for t in trials}) == 6
 
 
 def test_defense_without_strength_uses_default_sweep(registry) -> None:
@@ -106,7 +106,7 @@ def test_an_attack_can_set_its_own_batch_sizes(registry) -> None:
     raw = copy.deepcopy(TINY_STUDY)
     raw["attacks"].append({"name": "geiping", "iterations": 3, "batch_sizes": [2, 4]})
     trials = parse_study(raw, registry).trials()
-    sizes = sorted({(t["attack_params"]["iterations"], t["batch_size"]) for t in trials})
+    sizes = sorted({(t.attack_params["iterations"], t.batch_size) for t in trials})
     assert sizes == [(3, 2), (3, 4), (10, 1)]
     bad = copy.deepcopy(TINY_STUDY)
     bad["attacks"][0]["batch_sizes"] = [0]
@@ -119,7 +119,7 @@ def test_an_attack_can_set_its_own_batch_sizes(registry) -> None:
 
 
 def test_an_optional_task_without_its_files_is_dropped_with_a_notice(registry, tmp_path: Path) -> None:
-    from defenda.study import check_against_data
+    from defenda.harness.study import check_against_data
 
     raw = copy.deepcopy(TINY_STUDY)
     raw.pop("task")
@@ -145,13 +145,13 @@ def test_an_optional_task_without_its_files_is_dropped_with_a_notice(registry, t
 
 
 def test_trials_are_interleaved_over_attacks(registry) -> None:
-    from defenda.runner import interleave
+    from defenda.harness.runner import interleave
 
     raw = copy.deepcopy(TINY_STUDY)
     raw["attacks"].append({"name": "spear", "batch_sizes": [2]})
     trials = parse_study(raw, registry).trials()
-    order = [t["attack"] for t in interleave(trials)]
-    assert sorted(order) == sorted(t["attack"] for t in trials)
+    order = [t.attack for t in interleave(trials)]
+    assert sorted(order) == sorted(t.attack for t in trials)
     assert order[:4] == ["geiping", "spear", "geiping", "spear"]
 
 
@@ -165,7 +165,7 @@ def test_the_default_study_runs_every_builtin_attack_and_defense(registry) -> No
 
 
 def test_builtin_studies_are_found_by_name(registry, tmp_path: Path) -> None:
-    from defenda.study import builtin_studies, resolve_study
+    from defenda.harness.study import builtin_studies, resolve_study
 
     assert set(builtin_studies()) >= {"default", "paper"}
     assert resolve_study(None) == default_study_path()
@@ -179,3 +179,24 @@ def test_builtin_studies_are_found_by_name(registry, tmp_path: Path) -> None:
     assert resolve_study(str(own)) == own
     with pytest.raises(StudyError, match="built-in studies: default, paper"):
         resolve_study("no-such-study")
+
+
+def test_trial_keys_are_those_of_earlier_releases(registry) -> None:
+    """A trial's key hashes the same specification as before the typed Trial (so old stores resume);
+    the values were computed by defenda 0.1.0's dict-based trials for this study."""
+    trials = parse_study(copy.deepcopy(TINY_STUDY), registry).trials()
+    assert (trials[0].key, trials[0].utility_key) == ("39ae8214b1eddf56", "1f6cb0faf6c41f7b")
+    assert (trials[-1].key, trials[-1].utility_key) == ("8d2f4803509b6b47", "2eb5bbf1478f5041")
+
+
+def test_a_trial_is_frozen_and_its_dict_is_json_friendly(registry) -> None:
+    import dataclasses
+    import json
+
+    trial = parse_study(copy.deepcopy(TINY_STUDY), registry).trials()[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trial.seed = 3  # type: ignore[misc]
+    d = json.loads(json.dumps(trial.to_dict()))
+    assert d["key"] == trial.key and d["utility"]["key"] == trial.utility_key == d["utility_key"]
+    assert d["knowledge"] == ["batch_size"] and d["rounds"] == 3 and d["client_batch_size"] == 8
+    assert {"task", "attack", "defense", "strength", "batch_size", "seed", "server", "update", "lr"} <= set(d)

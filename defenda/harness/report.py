@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from defenda.store import Store
+from defenda.harness.store import Store
 
 # Okabe–Ito: a colour-blind-safe palette.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]

@@ -9,6 +9,7 @@ the jobs in flight and re-running the same command resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -16,9 +17,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from defenda.harness.jobs import Trial, UtilityJob
+from defenda.harness.store import Store
+from defenda.harness.study import Study, check_against_data
 from defenda.plugins import Plugins, get_plugins, set_plugins
-from defenda.store import Store
-from defenda.study import Study, check_against_data
 
 #: (function, arguments, failure row builder): the builder makes the job's row when its worker
 #: hangs past the time limit or dies (out of memory, segfault), so that trial still gets a row.
@@ -65,11 +67,11 @@ def _worker_main(conn: Any, threads: int, memory_gb: float, stage: Any) -> None:
     os.environ["DEFENDA_QUIET_PLUGINS"] = "1"  # the parent already reported plugin problems once
     import torch
 
-    from defenda import trial
+    from defenda.harness import services
     from defenda.plugins import get_plugins
 
     torch.set_num_threads(threads)
-    trial.STAGE = stage
+    services.STAGE = stage
     get_plugins()  # load the plugins now, while the parent is still preparing the study
     while True:
         msg = conn.recv()
@@ -241,7 +243,8 @@ def run_study(
     retry_errors: bool = False,
 ) -> dict[str, int]:
     """Run every trial of ``study`` not yet in ``out_dir``'s store. Returns counts by status."""
-    from defenda.trial import failed_trial, failed_utility, run_trial, run_utility
+    from defenda.harness.trial import failed_trial, run_trial
+    from defenda.harness.utility import failed_utility, run_utility
 
     plugins = plugins or get_plugins()
     limits = {"timeout": float(study.settings["timeout"]), "memory_gb": float(study.settings["memory_limit_gb"])}
@@ -263,7 +266,7 @@ def run_study(
             if retry_errors:
                 store.db.execute("DELETE FROM trials WHERE status='error'")
             done = store.done_keys()
-            todo = [t for t in trials if t["key"] not in done]
+            todo = [t for t in trials if t.key not in done]
             counts["resumed"] = len(trials) - len(todo)
             utility_jobs = _utility_jobs(todo, store)
             where = "dask" if executor == "dask" else f"{workers} worker{'s' if workers > 1 else ''}"
@@ -273,14 +276,15 @@ def run_study(
                 store.add_utility(row)
                 bar.update(f"utility {row['defense']} acc={row.get('test_acc') or 0:.2f}")
             cache_dir = str(Path(out_dir) / "cache")
-            jobs = [(run_trial, ({**t, "cache_dir": cache_dir}, device), partial(failed_trial, t)) for t in todo]
-            by_key = {t["key"]: t for t in todo}
+            jobs = [(run_trial, (dataclasses.replace(t, cache_dir=cache_dir), device), partial(failed_trial, t))
+                    for t in todo]
+            by_key = {t.key: t for t in todo}
             for row, arrays in pool.map_unordered(jobs):
                 util = store.utility(row["utility_key"]) or {}
                 row["test_acc"], row["epsilon"] = util.get("test_acc"), util.get("epsilon")
                 store.add_trial(row, arrays)
                 counts[row["status"]] += 1
-                plugins.notify_trial_finished(by_key[row["key"]], row)
+                plugins.notify_trial_finished(by_key[row["key"]].to_dict(), row)
                 bar.update(f"{row['attack']}/{row['defense']} {row['status']}")
     finally:
         pool.close()
@@ -289,29 +293,28 @@ def run_study(
     return counts
 
 
-def interleave(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def interleave(trials: list[Trial]) -> list[Trial]:
     """The trials round-robin over (task, attack): parallel workers start on different attacks.
 
     An attack's first trial may train a prior (GIAS, GIML) that its other trials wait for;
     interleaving keeps the other workers busy with other attacks meanwhile, and the
     progress bar's ETA sees every attack early.
     """
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[Trial]] = {}
     for t in trials:
-        groups.setdefault((t["task"], t["attack"]), []).append(t)
-    out: list[dict[str, Any]] = []
+        groups.setdefault((t.task, t.attack), []).append(t)
+    out: list[Trial] = []
     queues = list(groups.values())
     for i in range(max((len(q) for q in queues), default=0)):
         out.extend(q[i] for q in queues if i < len(q))
     return out
 
 
-def _utility_jobs(todo: list[dict[str, Any]], store: Store) -> list[dict[str, Any]]:
+def _utility_jobs(todo: list[Trial], store: Store) -> list[UtilityJob]:
     """One utility job per distinct key among the pending trials, minus those already stored."""
     have = store.done_keys("utility")
-    jobs: dict[str, dict[str, Any]] = {}
+    jobs: dict[str, UtilityJob] = {}
     for t in todo:
-        key = t["utility_key"]
-        if key not in have and key not in jobs:
-            jobs[key] = {**t["utility"], "key": key, "strength": t["strength"]}
+        if t.utility_key not in have and t.utility_key not in jobs:
+            jobs[t.utility_key] = t.utility
     return list(jobs.values())

@@ -9,9 +9,7 @@ Study files are data: they are parsed, never executed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import re
 import tomllib
 import typing
@@ -20,8 +18,9 @@ from typing import Any
 
 from defenda.compose import component_names, is_composed
 from defenda.errors import DefendaError, ParamError, StudyError
-from defenda.interfaces import KNOWLEDGE_FLAGS
+from defenda.harness.jobs import Federation, Trial, UtilityJob, stable_hash
 from defenda.params import as_dict, build_params, describe, strength_param
+from defenda.records import KNOWLEDGE_FLAGS
 from defenda.registry import Registry
 
 #: the [study] table: key -> (type check, description, default)
@@ -79,8 +78,8 @@ class Study:
     def name(self) -> str:
         return str(self.settings["name"])
 
-    def trials(self) -> list[dict[str, Any]]:
-        """Every cell of the grid as a JSON-friendly trial spec with a stable ``key``."""
+    def trials(self) -> list[Trial]:
+        """Every cell of the grid as a trial with a stable ``key``."""
         s = self.settings
         out = []
         for task, attack, defense in itertools.product(self.tasks, self.attacks, self.defenses):
@@ -89,30 +88,23 @@ class Study:
         return out
 
 
-def _stable_hash(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def federation_of(s: dict[str, Any]) -> Federation:
+    """The federation settings of a parsed [study] table."""
+    return Federation(rounds=s["rounds"], client_batch_size=s["client_batch_size"], lr=s["lr"], update=s["update"],
+                      local_steps=s["local_steps"], delta=s["delta"])
 
 
 def make_trial(s: dict[str, Any], task: PluginConfig, attack: PluginConfig, defense: PluginConfig,
-               batch_size: int, seed: int) -> dict[str, Any]:
-    fl = {k: s[k] for k in ("rounds", "client_batch_size", "lr", "update", "local_steps", "delta")}
-    utility = {"task": task.name, "task_params": task.params, "defense": defense.name,
-               "defense_params": defense.params, "seed": seed, **fl}
-    trial = {
-        "study": s["name"],
-        "task": task.name, "task_params": task.params,
-        "attack": attack.name, "attack_params": attack.params,
-        "defense": defense.name, "defense_params": defense.params, "strength": defense.strength,
-        "batch_size": batch_size, "seed": seed,
-        "server": s["server"], "knowledge": sorted(s["knowledge"]),
-        **fl,
-        "timeout": s["timeout"], "save_reconstructions": s["save_reconstructions"],
-    }
-    ident = {k: v for k, v in trial.items() if k not in ("study", "timeout", "save_reconstructions")}
-    trial["key"] = _stable_hash(ident)
-    trial["utility_key"] = _stable_hash(utility)
-    trial["utility"] = utility
-    return trial
+               batch_size: int, seed: int) -> Trial:
+    """The trial of one grid cell, with its training run (the utility job) attached."""
+    fed = federation_of(s)
+    utility = UtilityJob(key="", task=task.name, task_params=task.params, defense=defense.name,
+                         defense_params=defense.params, strength=defense.strength, seed=seed, federation=fed)
+    utility = dataclasses.replace(utility, key=stable_hash(utility.ident()))
+    trial = Trial(key="", study=s["name"], attack=attack.name, attack_params=attack.params, batch_size=batch_size,
+                  server=s["server"], knowledge=tuple(sorted(s["knowledge"])), utility=utility,
+                  timeout=s["timeout"], save_reconstructions=s["save_reconstructions"])
+    return dataclasses.replace(trial, key=stable_hash(trial.ident()))
 
 
 def load_study(path: str | Path, registry: Registry) -> Study:
@@ -318,7 +310,7 @@ def check_against_data(study: Study, registry: Registry) -> list[str]:
     ``study.tasks`` instead; the returned notices say which and why.
     """
     from defenda.compose import make_defense
-    from defenda.trial import load_task
+    from defenda.harness.services import load_task
 
     notices: list[str] = []
     for task in list(study.tasks):
@@ -345,7 +337,7 @@ def check_against_data(study: Study, registry: Registry) -> list[str]:
 
 def builtin_studies() -> dict[str, Path]:
     """The study files shipped with the package, by name (``default``, ``paper``)."""
-    return {p.stem: p for p in sorted((Path(__file__).parent / "studies").glob("*.toml"))}
+    return {p.stem: p for p in sorted((Path(__file__).parents[1] / "studies").glob("*.toml"))}
 
 
 def default_study_path() -> Path:

@@ -1,64 +1,87 @@
-"""Utility: what a defense costs. Train the task's model under the defense, measure test accuracy.
+"""The utility job: what a defense costs. One training run per (task, defense, strength, seed).
 
-Federated training is simulated as ``rounds`` rounds in which one client
-draws a batch of ``client_batch_size`` from the train split, computes its
-update through the defense (exactly the update an attacker would see) and
-the server applies it: θ ← θ − lr·g (FedSGD) or θ ← θ + Δ (FedAvg).
+Trains the task's model under the defense (:func:`defenda.federation.training.train`),
+measures test accuracy and the defense's ε for that run's accounting. Runs in a
+worker process and returns a plain row for the single writer.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
-from defenda.client import apply_update
 from defenda.compose import make_defense
-from defenda.interfaces import TaskData
-from defenda.plugins import Plugins
+from defenda.federation.training import accuracy, train
+from defenda.harness.jobs import Federation, UtilityJob
+from defenda.harness.services import load_task, resolve_device
+from defenda.plugins import Plugins, get_plugins
 
 
-def accounting_for(job: dict[str, Any], size: int, n_train: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Accounting:
     """The federation's privacy accounting: one subsampled mechanism per round of utility training."""
-    return {"steps": job["rounds"], "sample_rate": size / n_train, "delta": job["delta"] or 1.0 / n_train,
-            "local_steps": job["local_steps"] if job["update"] == "delta" else 1}
+
+    steps: int
+    sample_rate: float
+    delta: float
+    local_steps: int
+
+    def calibrate_args(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`defenda.Defense.calibrate`."""
+        return {"steps": self.steps, "sample_rate": self.sample_rate, "delta": self.delta,
+                "local_steps": self.local_steps}
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, data: TaskData, device: torch.device, chunk: int = 1024) -> float:
-    """Top-1 accuracy on the test split."""
-    model.eval()
-    x, y = data.test
-    correct = 0
-    for i in range(0, len(x), chunk):
-        logits = model(x[i:i + chunk].to(device))
-        correct += int((logits.argmax(1).cpu() == y[i:i + chunk]).sum())
-    return correct / max(1, len(x))
+def accounting_for(fed: Federation, size: int, n_train: int) -> Accounting:
+    """The accounting of a training run whose client draws ``size`` of ``n_train`` samples per round."""
+    return Accounting(steps=fed.rounds, sample_rate=size / n_train, delta=fed.delta or 1.0 / n_train,
+                      local_steps=fed.local_steps if fed.update == "delta" else 1)
 
 
-def measure_utility(plugins: Plugins, job: dict[str, Any], device: torch.device) -> tuple[float, float | None]:
+def now() -> str:
+    """The UTC time stamp written into rows."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def measure_utility(plugins: Plugins, job: UtilityJob, device: torch.device) -> tuple[float, float | None]:
     """Test accuracy after training under the job's defense, and the defense's ε (None if not DP)."""
-    from defenda.trial import load_task
-
-    task, data = load_task(plugins.registry, job["task"], job["task_params"])
-    defense = make_defense(plugins.registry, job["defense"], job["defense_params"])
-    torch.manual_seed(job["seed"])
+    task, data = load_task(plugins.registry, job.task, job.task_params)
+    defense = make_defense(plugins.registry, job.defense, job.defense_params)
+    fed = job.federation
+    torch.manual_seed(job.seed)
     model = task.build_model(data).to(device)
-    x_train, y_train = data.train
-    size = min(defense.client_batch_size(job["client_batch_size"]), len(x_train))
-    accounting = accounting_for(job, size, len(x_train))
-    defense.calibrate(**accounting)
-    # Two generators: the defense's randomness must not change which batches are drawn,
-    # or every noisy defense would also train on a different batch order than `none`.
-    batches = torch.Generator().manual_seed(20_000 + job["seed"])
-    noise = torch.Generator().manual_seed(30_000 + job["seed"])
-    for _ in range(job["rounds"]):
-        idx = torch.randperm(len(x_train), generator=batches)[:size]
-        model.train()
-        update = defense.client_update(model, x_train[idx].to(device), y_train[idx].to(device), kind=job["update"],
-                                       local_steps=job["local_steps"], lr=job["lr"], generator=noise)
-        apply_update(model, update, job["lr"])
-    acc = accuracy(model, data, device)
-    eps = defense.epsilon(steps=accounting["steps"], sample_rate=accounting["sample_rate"],
-                          delta=accounting["delta"])
-    return acc, eps
+    size = min(defense.client_batch_size(fed.client_batch_size), len(data.train[0]))
+    accounting = accounting_for(fed, size, len(data.train[0]))
+    defense.calibrate(**accounting.calibrate_args())
+    train(model, defense, data, rounds=fed.rounds, batch_size=size, settings=fed.round_settings, seed=job.seed,
+          device=device)
+    eps = defense.epsilon(steps=accounting.steps, sample_rate=accounting.sample_rate, delta=accounting.delta)
+    return accuracy(model, data, device), eps
+
+
+def _row(job: UtilityJob) -> dict[str, Any]:
+    return {"key": job.key, "task": job.task, "defense": job.defense, "strength": job.strength,
+            "params": job.defense_params, "seed": job.seed}
+
+
+def run_utility(job: UtilityJob, device: str = "cpu") -> dict[str, Any]:
+    """Run one training run; never raises: a failure becomes an ``error`` row."""
+    t0 = time.perf_counter()
+    row = _row(job)
+    try:
+        acc, eps = measure_utility(get_plugins(), job, resolve_device(device))
+        row.update(status="ok", reason="", test_acc=acc, epsilon=eps)
+    except Exception as exc:
+        row.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+    row["seconds"] = time.perf_counter() - t0
+    row["finished_at"] = now()
+    return row
+
+
+def failed_utility(job: UtilityJob, reason: str, plugin: str) -> dict[str, Any]:
+    """The utility row of a job whose worker was stopped or died."""
+    return {**_row(job), "status": "error", "reason": f"{plugin}: {reason}", "finished_at": now()}
