@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from defenda import Reconstruction, TaskData
 from defenda import metrics as M
-from defenda.interfaces import Reconstruction, TaskData
+from defenda.metrics import lpips as lpips_module
+from defenda.metrics.images import _ssim_win_size
 
 torch.set_num_threads(1)
 
@@ -128,9 +130,9 @@ def test_ssim_matches_independent_valid_convolution():
 
 
 def test_ssim_small_images_use_largest_odd_window():
-    assert M._ssim_win_size(8, 8) == 7
-    assert M._ssim_win_size(32, 32) == 11
-    assert M._ssim_win_size(7, 12) == 7
+    assert _ssim_win_size(8, 8) == 7
+    assert _ssim_win_size(32, 32) == 11
+    assert _ssim_win_size(7, 12) == 7
     a = _images(c=1, h=8, w=8, lo=0, hi=1, seed=3)
     b = _images(c=1, h=8, w=8, lo=0, hi=1, seed=4)
     assert -1 < M.ssim(a, b) < 0.9
@@ -243,9 +245,9 @@ def fresh_lpips(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(M.LPIPS_BACKBONE_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
-    M._reset_lpips_state()
+    lpips_module._reset_lpips_state()
     yield tmp_path
-    M._reset_lpips_state()
+    lpips_module._reset_lpips_state()
 
 
 def test_lpips_unavailable_returns_none_and_warns_once(fresh_lpips):

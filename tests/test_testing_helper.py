@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from defenda import hookimpl, param
+from defenda import Attack, Defense, Metric, Reconstruction, hookimpl, param
 from defenda.errors import PluginError
-from defenda.interfaces import Attack, Defense, Metric, Reconstruction
 from defenda.plugins import get_plugins
 from defenda.testing import (  # the fixtures are imported here; test_opt_in checks `pytest_plugins`
     assert_installed,
@@ -50,8 +49,7 @@ BUILTINS = builtin_plugins()
 
 SCALE_MODULE = """
     import dataclasses
-    from defenda import hookimpl, param
-    from defenda.interfaces import Defense
+    from defenda import Defense, hookimpl, param
 
     class Scale(Defense):
         \"\"\"Scales the update by a constant.\"\"\"
@@ -203,10 +201,10 @@ class _Broken(Defense):
 class TouchesModel(_Broken):
     """Changes the caller's weights."""
 
-    def client_update(self, model, x, y, **kw):  # noqa: ANN001, ANN003, ANN201
+    def client_update(self, model, x, y, settings, generator=None):  # noqa: ANN001, ANN201
         with torch.no_grad():
             next(model.parameters()).add_(1.0)
-        return super().client_update(model, x, y, **kw)
+        return super().client_update(model, x, y, settings, generator)
 
 
 class Flaky(_Broken):
@@ -253,7 +251,7 @@ class NoStrength(Defense):
 @pytest.mark.parametrize("cls, message", [
     (TouchesModel, "modified the model's weights"),
     (Flaky, "not deterministic"),
-    (WrongShapes, "tensor shapes"),
+    (WrongShapes, "update tensors do not match the model's parameters"),
     (BadSweep, "default_sweep value -1.0 is not a valid level"),
     (NoStrength, "declares no strength field"),
 ])
@@ -285,7 +283,7 @@ class Picky(Attack):
 
 
 def test_check_attack_reports_broken_attacks() -> None:
-    with pytest.raises(AssertionError, match=r"inputs have shape \(1, 3, 4, 4\); expected \(B̂, 3, 8, 8\)"):
+    with pytest.raises(AssertionError, match=r"reconstruction has sample shape \(3, 4, 4\), expected \(3, 8, 8\)"):
         check_attack(HalfBatch)
     with pytest.raises(AssertionError, match="declined the tiny image case: 'needs a first linear layer'"):
         check_attack(Picky)
@@ -362,8 +360,7 @@ def _project(root: Path, dist: str, version: str, code: str, *, ep: str, require
 
 MIRROR = """
 from dataclasses import dataclass
-from defenda import hookimpl, param
-from defenda.interfaces import Defense
+from defenda import Defense, hookimpl, param
 
 class Mirror(Defense):
     '''Negates the update.'''

@@ -10,13 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar
 
-from defenda import hookimpl, param
-from defenda.interfaces import Metric
+from defenda import Metric, Reconstruction, TaskData, hookimpl, param
 
 if TYPE_CHECKING:
     import torch
-
-    from defenda.interfaces import Reconstruction, TaskData
 
 
 def _unit_pair(x: torch.Tensor, recon: Reconstruction, data: TaskData) -> tuple[torch.Tensor, torch.Tensor]:
