@@ -50,14 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
 
-    from defenda.client import compute_update
+    from defenda.federation.client import compute_update
     from defenda.models import MLP
-    from defenda_attacks._spear_core import spear_recover
+    from defenda_attacks._spear_core import SpearParams, spear_recover
 
     torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.float32 else torch.float64
     goal_db = 60.0 if args.float32 else 100.0
     x_all, y_all, mean, std = _data(args.data)
+    params = SpearParams(peel=not args.no_peel, time_budget_s=args.time_budget)
     print(f"SPEAR benchmark: data={args.data} width={args.width} dtype={dtype} threads={args.threads} "
           f"peel={not args.no_peel} repeats={args.repeats}")
     for B in args.batch_sizes:
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             lin = model.net[1]
             t0 = time.perf_counter()
             res = spear_recover(g["net.1.weight"], g["net.1.bias"], lin.weight, lin.bias, batch_size=B,
-                                seed=seed, peel=not args.no_peel, time_budget_s=args.time_budget)
+                                params=params, seed=seed)
             secs.append(time.perf_counter() - t0)
             t = (xb * std + mean).double()
             r = (res.inputs * std + mean).double()

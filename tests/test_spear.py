@@ -17,11 +17,11 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.datasets import load_breast_cancer, load_digits
 from torch import nn
 
-from defenda.client import compute_update
-from defenda.interfaces import Knowledge, SharedUpdate
+from defenda import InputSpace, Knowledge, RoundSettings, SharedUpdate
+from defenda.federation.client import compute_update
 from defenda.models import MLP, ResNet18, SmallCNN
 from defenda.params import validate_params_class
-from defenda_attacks._spear_core import spear_recover
+from defenda_attacks._spear_core import SpearParams, spear_recover
 from defenda_attacks.spear import Spear, find_linear_relu
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,8 +53,8 @@ def _victim(n_in, n_out, seed, dtype=torch.float64, width=1000):
 
 
 def _knowledge(shape, classes, mean, std, B=None, kind="image", seed=0):
-    return Knowledge(input_shape=shape, num_classes=classes, task_kind=kind, mean=torch.as_tensor(mean).reshape(-1),
-                     std=torch.as_tensor(std).reshape(-1), batch_size=B, seed=seed)
+    space = InputSpace(kind, shape, classes, torch.as_tensor(mean).reshape(-1), torch.as_tensor(std).reshape(-1))
+    return Knowledge(space=space, batch_size=B, seed=seed)
 
 
 def _matched_psnr(truth_unit, rec_unit):
@@ -150,7 +150,7 @@ def test_fedavg_delta_one_step(digits):
     x, y, mean, std = digits
     xb, yb = _batch(x, y, 8, 0)
     model = _victim(64, 10, 0)
-    update = compute_update(model, xb, yb, kind="delta", local_steps=1, lr=0.1)
+    update = compute_update(model, xb, yb, RoundSettings(kind="delta", local_steps=1, lr=0.1))
     rec = Spear().reconstruct(update, model, _knowledge((64,), 10, mean, std, 8))
     psnr, *_ = _matched_psnr(xb * std + mean, rec.inputs * std + mean)
     assert (psnr > 100).all()
@@ -265,17 +265,41 @@ def test_params_declared_and_validated():
             "feature_inversion_steps"} <= names
     assert Spear(time_budget_s=5).params.time_budget_s == 5.0
     assert Spear.name == "spear"
-    assert "Dimitrov" in Spear.__doc__
+    assert Spear.Params is SpearParams
 
 
-def test_core_runs_without_plugin_system(digits):
-    x, y, mean, std = digits
-    xb, yb = _batch(x, y, 10, 7)
-    model = _victim(64, 10, 7)
+def test_docstring_sections():
+    doc = Spear.__doc__
+    assert doc.strip().splitlines()[0].startswith("SPEAR: ")
+    assert "Dimitrov" in doc and "NeurIPS 2024" in doc and "2403.03945" in doc
+    heads = ["Paper:", "Threat model:", "Arguments:", "Shapes:", "Example::"]
+    at = [doc.index("\n    " + h) for h in heads]
+    assert at == sorted(at)
+    arguments = doc[at[2]:at[3]]
+    for f in dataclasses.fields(Spear.Params):
+        assert f"\n        {f.name} (" in arguments, f.name
+
+
+def _recover_core(digits, B, batch_seed, **kwargs):
+    """spear_recover called directly on the gradient of the digits victim's first layer."""
+    x, y, _, _ = digits
+    xb, yb = _batch(x, y, B, batch_seed)
+    model = _victim(64, 10, batch_seed)
     update = compute_update(model, xb, yb)
     g = dict(zip(update.names, update.tensors))
     lin = model.net[1]
-    res = spear_recover(g["net.1.weight"], g["net.1.bias"], lin.weight, lin.bias)
+    return spear_recover(g["net.1.weight"], g["net.1.bias"], lin.weight, lin.bias, **kwargs), xb
+
+
+def test_core_params_override(digits):
+    """spear_recover reads the search knobs from a SpearParams; without peeling the sampling search does it all."""
+    res, _ = _recover_core(digits, 6, 5, batch_size=6, params=SpearParams(peel=False), seed=5)
+    assert res.n_peeled == 0 and res.proposals > 0 and res.n_exact == 6
+
+
+def test_core_runs_without_plugin_system(digits):
+    _, _, mean, std = digits
+    res, xb = _recover_core(digits, 10, 7)
     assert res.batch_size == 10 and res.n_exact == 10
     psnr, *_ = _matched_psnr(xb * std + mean, res.inputs * std + mean)
     assert (psnr > 100).all()

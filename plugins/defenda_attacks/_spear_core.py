@@ -10,12 +10,13 @@ For any factorisation ``∂L/∂W = L R`` (here ``L = U_B S_B``, ``R = V_Bᵀ``)
 is an invertible ``Q`` (B×B) with ``G = L Q`` and ``Xᵀ = Q⁻¹ R``. ReLU makes
 ``G`` sparse: ``G[r, i] = 0`` whenever neuron r is inactive for sample i.
 
-Recovery, in this implementation (float64 throughout):
+Recovery, in this implementation (float64 throughout), one function per stage,
+run in order by :func:`spear_recover`:
 
-1. SVD of ``∂L/∂W``; the batch size is the numerical rank unless given;
-   dead neurons (zero rows) are excluded.
-2. *Peeling* (exact, polynomial; not in the paper). A row r of the gradient that
-   only one sample j activates gives that sample exactly:
+1. ``_factorise`` / ``_layer_problem``: SVD of ``∂L/∂W``; the batch size is the
+   numerical rank unless given; dead neurons (zero rows) are excluded.
+2. ``_peel`` — *peeling* (exact, polynomial; not in the paper). A row r of the
+   gradient that only one sample j activates gives that sample exactly:
    ``x_j = (∂L/∂W)[r] / (∂L/∂b)[r]``. Every such candidate is verified exactly
    (below); verified samples are subtracted from the gradient
    (``∂L/∂W −= g_j x_jᵀ``, ``∂L/∂b −= g_j``), which turns rows they shared with one
@@ -24,18 +25,20 @@ Recovery, in this implementation (float64 throughout):
    correlated, so a neuron's activity across a batch is close to a threshold on
    one direction and single-sample rows are common: digits batches of B = 4…48
    peel completely in 2–5 rounds.
-3. *Sampling* (the paper's search), on what peeling leaves (B' samples): random
-   (B'−1)-row submatrices of ``L``; the null vector ``q`` of each is a column of
-   ``Q`` when all rows are inactive for one sample. Proposals are solved in
-   vectorised chunks (batched LU in torch), rejected early on a probe of rows,
-   filtered by the sparsity of ``L q`` (threshold calibrated to the number of
-   alive neurons), deduplicated, and kept only when their zero set is maximal.
-4. *Selection*: greedy by sparsity, then swaps scored by the number of samples
-   that pass the exactness test. The last two columns need no sampling: with
-   B'−1 columns known the last sample follows from the bias gradient; with B'−2
-   the two missing samples lie on a known line, scanned once (``_two_missing``).
-5. Scale and sign of each column from ``∂L/∂b = L Q 1``; inputs ``Xᵀ = Q⁻¹ R``,
-   recomputed in the full basis once every column is known.
+3. ``_sample`` / ``_search`` — *sampling* (the paper's search), on what peeling
+   leaves (B' samples): random (B'−1)-row submatrices of ``L``; the null vector
+   ``q`` of each is a column of ``Q`` when all rows are inactive for one sample.
+   Proposals are solved in vectorised chunks (batched LU in torch), rejected early
+   on a probe of rows, filtered by the sparsity of ``L q`` (threshold calibrated to
+   the number of alive neurons), deduplicated, and kept only when their zero set
+   is maximal.
+4. ``_select`` / ``_swap`` — *selection*: greedy by sparsity, then swaps scored by
+   the number of samples that pass the exactness test. The last two columns need
+   no sampling (``_complete``): with B'−1 columns known the last sample follows
+   from the bias gradient; with B'−2 the two missing samples lie on a known line,
+   scanned once (``_two_missing``).
+5. ``_final_batch``: scale and sign of each column from ``∂L/∂b = L Q 1``; inputs
+   ``Xᵀ = Q⁻¹ R``, recomputed in the full basis once every column is known.
 
 Exactness test (the ReLU-consistency score). A candidate input ``x`` is exact
 when the alive rows on which ``W x + b < 0`` span at most B−1 dimensions of the
@@ -45,7 +48,8 @@ candidates fail it; the count of samples that pass is ``n_exact``.
 
 Under noise (DP, noise defenses) no test passes; peeling then accepts rows whose
 candidate is nearly consistent (``_approx_peel``) and the attack returns the best
-batch it can assemble, flagged as approximate.
+batch it can assemble (``_fallback_batch`` when the search finds none), flagged
+as approximate.
 """
 
 from __future__ import annotations
@@ -53,35 +57,49 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["SpearConfig", "SpearResult", "spear_recover", "estimate_rank", "sparsity_threshold", "verify_inputs"]
+from defenda import param
+from defenda_attacks._linalg import estimate_rank
+
+__all__ = ["SpearParams", "SpearResult", "spear_recover", "sparsity_threshold", "verify_inputs"]
+
+# Rows of the rotated basis that pre-screen each chunk of proposals before the full sparsity count.
+_PROBE_ROWS = 64
+# Most trial swaps the selection stage scores before it settles for the batch it has.
+_MAX_SWAPS = 100
 
 
-@dataclass
-class SpearConfig:
-    """Knobs of :func:`spear_recover` (the plugin's ``Params`` map onto these).
+@dataclass(frozen=True)
+class SpearParams:
+    """SPEAR's parameters: the plugin's ``Spear.Params`` and the knobs of :func:`spear_recover`.
 
-    ``rank_tol`` / ``zero_tol``: None picks them from the gradient's precision
-    (1e-10 / 1e-8 for float64, 1e-5 / 1e-5 below). ``sparsity_threshold`` 0 means
-    calibrated: the ``false_rejection`` quantile of Binomial(alive, p).
+    :func:`spear_recover` reads the search fields (``max_proposals`` … ``approx_max_proposals``);
+    the plugin alone reads the rest (layer choice, labels, CNN feature inversion).
+    ``rank_tol`` / ``zero_tol`` 0 pick them from the gradient's precision (1e-10 / 1e-8 for
+    float64, 1e-5 / 1e-5 below); ``sparsity_threshold`` 0 means calibrated: the
+    ``false_rejection`` quantile of Binomial(alive, p).
     """
 
-    max_proposals: int = 10_000_000
-    time_budget_s: float = 60.0
-    chunk_size: int = 4096
-    rank_tol: float | None = None
-    zero_tol: float | None = None
-    sparsity_threshold: float = 0.0
-    false_rejection: float = 1e-9
-    min_sparsity: float = 0.05
-    probe_rows: int = 64
-    peel: bool = True
-    max_swaps: int = 100
-    approx_max_proposals: int = 20_000
-    seed: int = 0
+    max_proposals: int = param(10_000_000, "most (B-1)-row submatrices the sampling stage tries")
+    time_budget_s: float = param(60.0, "wall-clock budget; when spent, return the batch found so far")
+    chunk_size: int = param(4096, "proposals solved together in one vectorised chunk")
+    rank_tol: float = param(0.0, "relative singular-value cut for the batch size (0: 1e-10 float64, 1e-5 float32)")
+    zero_tol: float = param(0.0, "relative size below which an entry of G counts as zero (0: by precision)")
+    sparsity_threshold: float = param(
+        0.0, "share of alive neurons a column of G must be zero on (0: calibrated binomial quantile)"
+    )
+    false_rejection: float = param(1e-9, "false-rejection rate that calibrates the sparsity threshold")
+    min_sparsity: float = param(0.05, "weakest candidate kept in the pool, as a share of alive neurons")
+    peel: bool = param(True, "peel off samples from neurons that a single remaining sample activates")
+    approx_max_proposals: int = param(20_000, "proposal budget when the update is noisy (no exact structure)")
+    layer: str = param("", "name of the Linear layer to attack (empty: the first Linear followed by ReLU)")
+    recover_labels: bool = param(True, "recover labels from the per-sample gradients (when the layer is found)")
+    feature_inversion_steps: int = param(300, "Adam steps inverting recovered CNN features to images (0: off)")
+    feature_inversion_lr: float = param(0.05, "Adam learning rate of the feature inversion")
+    features_in_info: bool = param(True, "store recovered CNN features in info['features'] (lists of floats)")
 
 
 @dataclass
@@ -116,6 +134,91 @@ class SpearResult:
         return int(self.exact.sum())
 
 
+# ---------------------------------------------------------------------------- stage records
+
+
+class _Problem(NamedTuple):
+    """The layer's gradients and weights in float64 on the CPU; the gradients divided by ``scale``."""
+
+    dW: torch.Tensor  # (m, n)
+    db: torch.Tensor  # (m,)
+    W: torch.Tensor  # (m, n)
+    b: torch.Tensor  # (m,)
+    scale: float
+
+
+class _Rank(NamedTuple):
+    """Stage 1: the SVD of ``∂L/∂W``, its numerical rank and the batch size B used."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    rank: int
+    B: int
+    clean: bool  # the singular values drop below the tolerance after B: an exact (noise-free) update
+
+
+class _Peeled(NamedTuple):
+    """Stage 2: the samples peeled off and the gradient they leave."""
+
+    X: list[torch.Tensor]  # inputs (n,)
+    G: list[torch.Tensor]  # their G columns (m,)
+    RW: torch.Tensor  # residual ∂L/∂W
+    Rb: torch.Tensor  # residual ∂L/∂b
+
+
+class _Residual(NamedTuple):
+    """The rank-B' problem the sampling stage solves: what peeling left."""
+
+    U: torch.Tensor  # (m, B')
+    S: torch.Tensor  # (B',)
+    Vh: torch.Tensor  # (B', n)
+    Rb: torch.Tensor  # residual ∂L/∂b
+    alive: torch.Tensor  # rows some remaining sample activates
+    n_alive: int
+    Bp: int
+
+
+class _Limits(NamedTuple):
+    tau: int  # zero count a true column of G exceeds (sparsity filter)
+    floor: int  # weakest zero count kept in the pool
+    budget: int  # proposals to try
+
+
+class _Batch(NamedTuple):
+    """Inputs ``X`` (k×n) and G columns (m×k) of a candidate batch; ``n_ok`` of its samples are exact."""
+
+    n_ok: int
+    X: torch.Tensor
+    G: torch.Tensor
+
+
+class _Search(NamedTuple):
+    best: _Batch | None
+    message: str
+    t_assemble: float
+
+
+class _Sampled(NamedTuple):
+    """Stages 3–4: the samples the search recovered from the residual."""
+
+    X: torch.Tensor
+    G: torch.Tensor
+    n_sampled: int
+    proposals: int
+    approximate: bool
+    message: str
+    t_solve: float
+    t_filter: float
+    t_assemble: float
+
+
+class _Final(NamedTuple):
+    X: torch.Tensor
+    G: torch.Tensor
+    exact: torch.Tensor
+
+
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -125,19 +228,6 @@ def _precision_tols(dtype: torch.dtype) -> tuple[float, float]:
         return 1e-10, 1e-8
     return 1e-5, 1e-5
 
-
-def estimate_rank(s: torch.Tensor, rank_tol: float) -> int:
-    """Numerical rank: singular values above ``rank_tol · s_1``; the largest spectral gap when none stands out."""
-    if s.numel() == 0 or float(s[0]) == 0.0:
-        return 0
-    rel = s / s[0]
-    r = int((rel > rank_tol).sum())
-    if r < s.numel():
-        return r
-    # no singular value below the tolerance (noise): cut at the largest gap
-    logs = torch.log(rel.clamp_min(1e-300))
-    gaps = logs[:-1] - logs[1:]
-    return int(torch.argmax(gaps)) + 1 if gaps.numel() else r
 
 
 def sparsity_threshold(n_alive: int, p_inactive: float = 0.5, false_rejection: float = 1e-9) -> int:
@@ -299,7 +389,7 @@ def _assemble(Ghat: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Te
     return X, Ghat * s[None, :]
 
 
-# ---------------------------------------------------------------------------- sampling
+# ---------------------------------------------------------------------------- sampling helpers
 
 
 class _Sampler:
@@ -310,14 +400,14 @@ class _Sampler:
     rejects most proposals before the full sparsity count.
     """
 
-    def __init__(self, U: torch.Tensor, alive: torch.Tensor, zero_tol: float, cfg: SpearConfig,
+    def __init__(self, U: torch.Tensor, alive: torch.Tensor, zero_tol: float, probe_rows: int,
                  gen: torch.Generator, tau: int, floor: int, max_pool: int = 4096) -> None:
         self.Bp = U.shape[1]
         self.alive_idx = torch.nonzero(alive).flatten()
         self.Ua = U[self.alive_idx]  # alive rows only
         self.rown = self.Ua.norm(dim=1).clamp_min(1e-300)
         self.zero_tol = zero_tol
-        self.cfg = cfg
+        self.probe_rows = probe_rows
         self.gen = gen
         self.tau = tau
         self.floor = floor
@@ -354,7 +444,7 @@ class _Sampler:
         # a random rotation makes the pivot columns generic
         rot = torch.linalg.qr(torch.randn(Bp, Bp, dtype=torch.float64, generator=self.gen)).Q
         Ur = self.Ua @ rot
-        P = min(self.cfg.probe_rows, na)
+        P = min(self.probe_rows, na)
         probe = torch.randperm(na, generator=self.gen)[:P]
         q, zp = self._proposals(C, Ur, probe)
         t1 = time.perf_counter()
@@ -473,7 +563,126 @@ def _greedy_independent(Qs: list[torch.Tensor], order: list[int], k: int, tol: f
     return sel
 
 
-# ---------------------------------------------------------------------------- main entry
+# ---------------------------------------------------------------------------- stage 1: factorisation
+
+
+def _normalise(dW: torch.Tensor, db: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> _Problem | None:
+    """The problem in float64 on the CPU, gradients scaled to max |∂L/∂W| = 1; None for a zero or non-finite update."""
+    dW = dW.detach().to(torch.float64).cpu()
+    db = db.detach().to(torch.float64).cpu().reshape(-1)
+    W = W.detach().to(torch.float64).cpu()
+    b = b.detach().to(torch.float64).cpu().reshape(-1)
+    scale = float(dW.abs().max())
+    if scale == 0 or not math.isfinite(scale):
+        return None
+    return _Problem(dW / scale, db / scale, W, b, scale)
+
+
+def _factorise(dW: torch.Tensor, batch_size: int | None, rank_tol: float) -> _Rank:
+    """SVD of ``∂L/∂W`` and the batch size: the given one, unless the spectrum shows an exact lower rank."""
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    rank = estimate_rank(S, rank_tol)
+    B = rank if batch_size is None else min(int(batch_size), S.numel())
+    if batch_size is not None and rank < B and rank < S.numel() and float(S[rank]) <= rank_tol * float(S[0]):
+        B = rank  # exact gradient of lower rank (duplicate inputs, a sample with zero gradient)
+    B = max(B, 1)
+    clean = B < S.numel() and float(S[B]) <= rank_tol * float(S[0])
+    return _Rank(U, S, Vh, rank, B, clean)
+
+
+def _layer_problem(prob: _Problem, rk: _Rank, zero_tol: float) -> _Full:
+    """The rank-B problem with its alive rows and zero tolerance (widened to the noise level when not clean)."""
+    alive = (prob.dW.abs().amax(dim=1) > 0) | (prob.db.abs() > 0)
+    if not rk.clean:
+        # noisy gradient: every row is alive; zeros are only approximate
+        alive = torch.ones(prob.dW.shape[0], dtype=torch.bool)
+        S, B = rk.S, rk.B
+        noise = float(S[B] / S[B - 1]) if B < S.numel() else 1.0
+        zero_tol = max(zero_tol, min(0.5, 3 * noise))
+    return _Full(rk.U[:, : rk.B], rk.S[: rk.B], rk.Vh[: rk.B], prob.W, prob.b, alive, zero_tol)
+
+
+# ---------------------------------------------------------------------------- stage 2: peeling
+
+
+def _peel(prob: _Problem, full: _Full, clean: bool, params: SpearParams, t_start: float) -> _Peeled:
+    """Samples from single-sample rows: verified exactly on a clean update, approximately under noise."""
+    if params.peel and clean:
+        return _exact_peel(prob, full, t_start, params.time_budget_s)
+    if params.peel:
+        found_x, found_g = _approx_peel(full, prob.dW, prob.db, full.B, t_start, params.time_budget_s)
+        if found_x:
+            RW = prob.dW - torch.stack(found_g, 1) @ torch.stack(found_x)
+            Rb = prob.db - torch.stack(found_g, 1).sum(1)
+            return _Peeled(found_x, found_g, RW, Rb)
+    return _Peeled([], [], prob.dW.clone(), prob.db.clone())
+
+
+def _exact_peel(prob: _Problem, full: _Full, t_start: float, budget_s: float) -> _Peeled:
+    """Rounds of: candidates from single-sample rows, exactness test, purification, subtraction."""
+    dW, db, B, zero_tol = prob.dW, prob.db, full.B, full.zero_tol
+    found_x: list[torch.Tensor] = []
+    found_g: list[torch.Tensor] = []
+    RW, Rb = dW.clone(), db.clone()
+    cand_x: list[torch.Tensor] = []  # each an affine combination of true samples, dominated by one
+    cand_q: list[torch.Tensor] = []  # its exact column of Q (unit, in the basis of full.U)
+    rows = full.alive.clone()
+    row_ref = dW.norm(dim=1).clamp_min(1e-300)
+    while len(cand_x) < B:
+        if time.perf_counter() - t_start > budget_s:
+            break
+        Xc, counts = _row_candidates(full, RW, Rb, rows & (RW.norm(dim=1) > 10 * zero_tol * row_ref), cand_x)
+        if Xc.shape[0] == 0:
+            break
+        ok, qt = full.verify(Xc)
+        if not bool(ok.any()):
+            break
+        if not _add_candidates(Xc[ok], qt[ok], counts[ok], cand_x, cand_q, B):
+            break
+        Xf, Gf = _purify(torch.stack(cand_x), torch.stack(cand_q, 1), full.U, full.S, full.Vh)
+        RW_new = dW - Gf @ Xf
+        Rb_new = db - Gf.sum(1)
+        # only rows the new samples changed can have become single-sample rows
+        rows = full.alive & ((RW_new - RW).norm(dim=1) > 10 * zero_tol * row_ref)
+        RW, Rb = RW_new, Rb_new
+        found_x, found_g = list(Xf), list(Gf.T)
+    return _Peeled(found_x, found_g, RW, Rb)
+
+
+def _row_candidates(full: _Full, RW: torch.Tensor, Rb: torch.Tensor, rows: torch.Tensor,
+                    known: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct candidates ``RW[r] / Rb[r]`` from ``rows`` not among ``known``, and how many rows give each."""
+    ridx = torch.nonzero(rows & (Rb.abs() > 0)).flatten()
+    if ridx.numel() == 0:
+        return torch.zeros(0, RW.shape[1], dtype=RW.dtype), torch.zeros(0, dtype=torch.long)
+    Xc = RW[ridx] / Rb[ridx, None]
+    # a row gives its own sample only if that sample activates it
+    Xc = Xc[(full.W[ridx] * Xc).sum(1) + full.b[ridx] > 0]
+    if Xc.shape[0] == 0:
+        return Xc, torch.zeros(0, dtype=torch.long)
+    rep, counts = _group(Xc, 1e-9)
+    Xc = Xc[rep]
+    if known:
+        d = torch.cdist(Xc, torch.stack(known), compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
+        far = d > 1e-9 * Xc.norm(dim=1).clamp_min(1e-300)
+        Xc, counts = Xc[far], counts[far]
+    return Xc, counts
+
+
+def _add_candidates(Xn: torch.Tensor, qn: torch.Tensor, cn: torch.Tensor, cand_x: list[torch.Tensor],
+                    cand_q: list[torch.Tensor], B: int) -> int:
+    """Append verified candidates of new columns of Q to ``cand_x`` / ``cand_q``; returns how many."""
+    added = 0
+    # one candidate per column of Q (same sample): the one most rows agree on
+    for i in torch.argsort(cn, descending=True).tolist():
+        if any(abs(float(qn[i] @ q)) > 1 - 1e-9 for q in cand_q):
+            continue
+        cand_x.append(Xn[i])
+        cand_q.append(qn[i])
+        added += 1
+        if len(cand_x) >= B:
+            break
+    return added
 
 
 def _approx_peel(full: _Full, dW: torch.Tensor, db: torch.Tensor, B: int, t_start: float, budget_s: float,
@@ -486,58 +695,29 @@ def _approx_peel(full: _Full, dW: torch.Tensor, db: torch.Tensor, B: int, t_star
     are grouped by their null vector; each group's sample is the least-squares fit
     ``x = Σ b_r w_r / Σ b_r²`` over its rows, then subtracted from the gradient.
     """
-    U, W, b = full.U, full.W, full.b
-    Bd = full.B
     found_x: list[torch.Tensor] = []
     found_g: list[torch.Tensor] = []
     RW, Rb = dW.clone(), db.clone()
     for _ in range(B):
         if len(found_x) >= B or time.perf_counter() - t_start > budget_s:
             break
-        Xc = RW / Rb[:, None]
-        ok = torch.isfinite(Xc).all(dim=1) & (Rb.abs() > 0)
-        ok &= (W * Xc).sum(1) + b > 0
-        if found_x:
-            F = torch.stack(found_x)
-            d = torch.cdist(Xc.nan_to_num(), F, compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
-            ok &= d > 0.05 * F.norm(dim=1).mean()
-        ridx = torch.nonzero(ok).flatten()
-        if ridx.numel() == 0:
+        scored = _approx_candidates(full, RW, Rb, found_x, accept)
+        if scored is None:
             break
-        Z = Xc[ridx] @ W.T + b
-        inact = Z < 0
-        gram = (inact.to(torch.float64) @ full.outer).reshape(-1, Bd, Bd)
-        lam, vec = torch.linalg.eigh(gram)
-        tr = gram.diagonal(dim1=1, dim2=2).sum(-1) / Bd
-        score = lam[:, 0] / tr.clamp_min(1e-300)
-        score = torch.where(inact.sum(1) >= Bd - 1, score, torch.full_like(score, math.inf))
-        good = torch.nonzero(score < accept).flatten()
-        if good.numel() == 0:
-            break
-        good = good[torch.argsort(score[good])]
-        qs = vec[good, :, 0]
-        groups: list[list[int]] = []
-        heads: list[torch.Tensor] = []
-        for i in range(good.numel()):
-            for gi, h in enumerate(heads):
-                if abs(float(h @ qs[i])) > 0.99:
-                    groups[gi].append(i)
-                    break
-            else:
-                heads.append(qs[i])
-                groups.append([i])
+        rows_of, qs = scored
+        groups, heads = _group_by_column(qs)
         new = 0
         for gi, members in enumerate(groups):
             if len(found_x) >= B:
                 break
-            rows = ridx[good[members]]
+            rows = rows_of[members]
             x = (Rb[rows, None] * RW[rows]).sum(0) / Rb[rows].pow(2).sum().clamp_min(1e-300)
             qt = heads[gi]
             a = full.Vh @ x
             denom = float(a @ (qt / full.S))
             if not math.isfinite(denom) or abs(denom) < 1e-300:
                 continue
-            g = (U @ qt) / denom
+            g = (full.U @ qt) / denom
             found_x.append(x)
             found_g.append(g)
             RW = RW - g[:, None] * x[None, :]
@@ -548,14 +728,290 @@ def _approx_peel(full: _Full, dW: torch.Tensor, db: torch.Tensor, B: int, t_star
     return found_x, found_g
 
 
+def _approx_candidates(full: _Full, RW: torch.Tensor, Rb: torch.Tensor, found_x: list[torch.Tensor],
+                       accept: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows whose candidate scores below ``accept``, best first, and their approximate null vectors."""
+    W, b, Bd = full.W, full.b, full.B
+    Xc = RW / Rb[:, None]
+    ok = torch.isfinite(Xc).all(dim=1) & (Rb.abs() > 0)
+    ok &= (W * Xc).sum(1) + b > 0
+    if found_x:
+        F = torch.stack(found_x)
+        d = torch.cdist(Xc.nan_to_num(), F, compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
+        ok &= d > 0.05 * F.norm(dim=1).mean()
+    ridx = torch.nonzero(ok).flatten()
+    if ridx.numel() == 0:
+        return None
+    Z = Xc[ridx] @ W.T + b
+    inact = Z < 0
+    gram = (inact.to(torch.float64) @ full.outer).reshape(-1, Bd, Bd)
+    lam, vec = torch.linalg.eigh(gram)
+    tr = gram.diagonal(dim1=1, dim2=2).sum(-1) / Bd
+    score = lam[:, 0] / tr.clamp_min(1e-300)
+    # fewer than B−1 inactive rows cannot pin a column down
+    score = torch.where(inact.sum(1) >= Bd - 1, score, torch.full_like(score, math.inf))
+    good = torch.nonzero(score < accept).flatten()
+    if good.numel() == 0:
+        return None
+    good = good[torch.argsort(score[good])]
+    return ridx[good], vec[good, :, 0]
+
+
+def _group_by_column(qs: torch.Tensor) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Indices of ``qs`` grouped by |cos| > 0.99 with the group's first (best-scored) vector."""
+    groups: list[list[int]] = []
+    heads: list[torch.Tensor] = []
+    for i in range(qs.shape[0]):
+        for gi, h in enumerate(heads):
+            if abs(float(h @ qs[i])) > 0.99:
+                groups[gi].append(i)
+                break
+        else:
+            heads.append(qs[i])
+            groups.append([i])
+    return groups, heads
+
+
+# ---------------------------------------------------------------------------- stages 3–4: sampling and selection
+
+
+def _residual(prob: _Problem, full: _Full, peeled: _Peeled) -> _Residual:
+    """The rank-B' problem of the samples peeling did not find."""
+    Bp = full.B - len(peeled.X)
+    if peeled.X:
+        U2, S2, Vh2 = torch.linalg.svd(peeled.RW, full_matrices=False)
+        U2, S2, Vh2 = U2[:, :Bp], S2[:Bp], Vh2[:Bp]
+        ralive = full.alive & (peeled.RW.norm(dim=1) > 10 * full.zero_tol * prob.dW.norm(dim=1).clamp_min(1e-300))
+    else:
+        U2, S2, Vh2, ralive = full.U, full.S, full.Vh, full.alive.clone()
+    return _Residual(U2, S2, Vh2, peeled.Rb, ralive, int(ralive.sum()), Bp)
+
+
+def _search_limits(res: _Residual, params: SpearParams, clean: bool) -> _Limits:
+    """Sparsity threshold, pool floor and proposal budget of the search."""
+    na, Bp = res.n_alive, res.Bp
+    # expected inactive share of a remaining sample on rows some remaining sample activates
+    p_cond = 0.5 * (1 - 0.5 ** (Bp - 1)) / (1 - 0.5**Bp) if Bp > 1 else 0.0
+    if params.sparsity_threshold > 0:
+        tau = int(params.sparsity_threshold * na)
+    else:
+        tau = sparsity_threshold(na, p_cond, params.false_rejection) if Bp > 1 else 0
+    floor = max(int(params.min_sparsity * na), Bp)
+    budget = params.max_proposals if clean else min(params.max_proposals, params.approx_max_proposals)
+    if Bp > 1 and na >= Bp:
+        # few distinct submatrices (small layers, small residuals): sampling each ~20 times is enough
+        budget = min(budget, max(params.chunk_size, 20 * math.comb(na, Bp - 1)))
+    return _Limits(tau, floor, budget)
+
+
+def _sample(prob: _Problem, full: _Full, clean: bool, peeled: _Peeled, params: SpearParams,
+            gen: torch.Generator, t_start: float) -> _Sampled:
+    """The samples peeling left, from the sampling search (or the best approximate batch)."""
+    res = _residual(prob, full, peeled)
+    lim = _search_limits(res, params, clean)
+    sampler = _Sampler(res.U, res.alive, full.zero_tol, _PROBE_ROWS, gen, lim.tau, lim.floor)
+    search = _search(sampler, res, full, clean, params, lim.budget, t_start)
+    if search.best is not None:
+        X, G, n_sampled, approximate = search.best.X, search.best.G, search.best.n_ok, not clean
+    else:
+        (X, G), n_sampled, approximate = _fallback_batch(sampler, res, gen), 0, True
+    return _Sampled(X, G, n_sampled, sampler.tried, approximate, search.message, sampler.t_solve,
+                    sampler.t_filter, search.t_assemble)
+
+
+def _search(sampler: _Sampler, res: _Residual, full: _Full, clean: bool, params: SpearParams, budget: int,
+            t_start: float) -> _Search:
+    """Sample chunks of proposals and assemble batches from the pool until one is exact or a budget runs out."""
+    Bp = res.Bp
+    best: _Batch | None = None
+    full_ok = False
+    message = ""
+    t_assemble = 0.0
+    if Bp <= 2 and clean:
+        # the last two columns need no sampling (_complete)
+        ta = time.perf_counter()
+        best = _select(sampler, res, full, clean)
+        t_assemble += time.perf_counter() - ta
+        full_ok = best is not None and best.n_ok == Bp
+    pending = False
+    last_end, last_cost = 0.0, 0.0
+    while not full_ok and Bp > 1 and res.n_alive >= Bp:
+        out_of_time = time.perf_counter() - t_start > params.time_budget_s
+        out_of_props = sampler.tried >= budget
+        if not (out_of_time or out_of_props):
+            pending |= sampler.chunk(min(params.chunk_size, budget - sampler.tried)) > 0
+        # assemble when the pool changed, spending at most about a third of the time on it
+        now = time.perf_counter()
+        if pending and (out_of_time or out_of_props or now - last_end >= 2 * last_cost):
+            pending = False
+            found = _select(sampler, res, full, clean)
+            last_end = time.perf_counter()
+            last_cost = last_end - now
+            t_assemble += last_cost
+            if found is not None and (best is None or found.n_ok > best.n_ok):
+                best = found
+                full_ok = found.n_ok == Bp
+        if out_of_time or out_of_props:
+            if not full_ok:
+                message = "time budget exhausted" if out_of_time else "proposal budget exhausted"
+            break
+    return _Search(best, message, t_assemble)
+
+
+def _select(sampler: _Sampler, res: _Residual, full: _Full, clean: bool) -> _Batch | None:
+    """A batch from the pool: greedy independent columns, completed, assembled, then improved by swaps."""
+    Bp = res.Bp
+    order = sampler.ordered()
+    sel = _greedy_independent(list(sampler.pool_q), order, Bp)
+    if len(sel) < Bp - 2 or not clean:
+        return None
+    Ghat = _complete([sampler.pool_q[i] for i in sel], res, full)
+    if Ghat is None:
+        return None
+    out = _assemble(Ghat, res.U, res.S, res.Vh, res.Rb)
+    if out is None:
+        return None
+    okv, _ = full.verify(out[0])
+    n_ok = int(okv.sum())
+    if n_ok == Bp or len(sel) < Bp:
+        return _Batch(n_ok, *out)
+    return _swap(sampler, res, full, order, sel, okv, _Batch(n_ok, *out))
+
+
+def _swap(sampler: _Sampler, res: _Residual, full: _Full, order: list[int], sel: list[int], okv: torch.Tensor,
+          batch: _Batch) -> _Batch:
+    """Replace columns of failing samples by unused pool entries while the exact count improves."""
+    unused = [i for i in order if i not in sel]
+    tries = 0
+    improved = True
+    while improved and batch.n_ok < res.Bp and tries < _MAX_SWAPS:
+        improved = False
+        for pos in torch.nonzero(~okv).flatten().tolist():
+            for cand in list(unused):
+                tries += 1
+                trial = list(sel)
+                trial[pos] = cand
+                G2 = torch.stack([res.U @ sampler.pool_q[i] for i in trial], 1)
+                o2 = _assemble(G2, res.U, res.S, res.Vh, res.Rb)
+                if o2 is None:
+                    continue
+                ok2, _ = full.verify(o2[0])
+                if int(ok2.sum()) > batch.n_ok:
+                    unused.remove(cand)
+                    unused.append(sel[pos])
+                    sel, okv, batch = trial, ok2, _Batch(int(ok2.sum()), *o2)
+                    improved = True
+                    break
+                if tries >= _MAX_SWAPS:
+                    break
+            if improved or tries >= _MAX_SWAPS:
+                break
+    return batch
+
+
+def _complete(cols: list[torch.Tensor], res: _Residual, full: _Full) -> torch.Tensor | None:
+    """G-column directions (m×B') from B'−2 … B' known columns (basis of ``res.U``), or None."""
+    Bp, U2 = res.Bp, res.U
+    if len(cols) == Bp - 2 and Bp >= 2:
+        for g in _two_missing(cols, U2, res.S, res.Vh, res.Rb, full):
+            c = U2.T @ g
+            c = c / c.norm().clamp_min(1e-300)
+            if all(abs(float(c @ u)) < 1 - 1e-8 for u in cols) and len(cols) < Bp:
+                cols = cols + [c]
+    if len(cols) == Bp - 1:
+        return _last_column(cols, res, full)
+    if len(cols) == Bp:
+        return torch.stack([U2 @ c for c in cols], 1)
+    return None
+
+
+def _last_column(cols: list[torch.Tensor], res: _Residual, full: _Full) -> torch.Tensor | None:
+    """All B' G columns when B'−1 are known: the last sample from the bias gradient, verified exactly."""
+    U2, S2, Vh2, Bp = res.U, res.S, res.Vh, res.Bp
+    # the last sample's dual row: a_last ⟂ known columns, aᵀ q_last = 1
+    if cols:
+        a = _nullvec(torch.stack([c / S2 for c in cols], 0))[0]
+    else:
+        a = torch.ones(Bp, dtype=torch.float64)
+    denom = float(a @ ((U2.T @ res.Rb) / S2))
+    if abs(denom) < 1e-300:
+        return None
+    x = Vh2.T @ (a / denom)
+    okl, qtl = full.verify(x[None])
+    if not bool(okl[0]):
+        return None
+    return torch.stack([U2 @ c for c in cols] + [full.g_column(x, qtl[0])], 1)
+
+
+def _fallback_batch(sampler: _Sampler, res: _Residual, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best approximate batch when no exact one was assembled: greedy columns, completed with orthogonal directions."""
+    U2, S2, Vh2, Bp = res.U, res.S, res.Vh, res.Bp
+    order = sampler.ordered()
+    sel = _greedy_independent(list(sampler.pool_q), order, Bp)
+    cols = [sampler.pool_q[i] for i in sel]
+    extra = torch.randn(Bp, Bp, dtype=torch.float64, generator=gen)
+    for j in range(Bp):
+        if len(cols) >= Bp:
+            break
+        v = extra[:, j].clone()
+        for u in cols:
+            v = v - (u @ v) / (u @ u) * u
+        if float(v.norm()) > 1e-6:
+            cols.append(v / v.norm())
+    Ghat = torch.stack([U2 @ c for c in cols], 1)
+    out = _assemble(Ghat, U2, S2, Vh2, res.Rb)
+    if out is None:
+        return Vh2.clone(), U2 * S2[None, :]
+    return out
+
+
+# ---------------------------------------------------------------------------- stage 5: final batch
+
+
+def _final_batch(prob: _Problem, full: _Full, clean: bool, peeled: _Peeled, sampled: _Sampled | None) -> _Final:
+    """Peeled and sampled samples together, verified; reassembled in the full basis when every sample is exact.
+
+    The full basis is the most precise one: the residual basis carries the peeled samples' rounding.
+    """
+    m, n = prob.dW.shape
+    Xs_list = list(peeled.X)
+    Gs_list = list(peeled.G)
+    if sampled is not None:
+        Xs_list += list(sampled.X)
+        Gs_list += list(sampled.G.T)
+    X = torch.stack(Xs_list) if Xs_list else torch.zeros(0, n, dtype=torch.float64)
+    G = torch.stack(Gs_list, 1) if Gs_list else torch.zeros(m, 0, dtype=torch.float64)
+    exact = full.verify(X)[0] if clean else torch.zeros(X.shape[0], dtype=torch.bool)
+    if clean and X.shape[0] == full.B and bool(exact.all()):
+        out = _assemble(G / G.norm(dim=0, keepdim=True).clamp_min(1e-300), full.U, full.S, full.Vh, prob.db)
+        if out is not None:
+            X2, G2 = out
+            ok2, _ = full.verify(X2)
+            if bool(ok2.all()):
+                X, G, exact = X2, G2, ok2
+    return _Final(X, G, exact)
+
+
+# ---------------------------------------------------------------------------- main entry
+
+
+def _degenerate_result(B: int, n: int, t_start: float) -> SpearResult:
+    """B zero inputs, flagged: a zero or non-finite update carries nothing to recover."""
+    X = torch.zeros(B, n, dtype=torch.float64)
+    return SpearResult(X, None, torch.zeros(X.shape[0], dtype=torch.bool), X.shape[0], 0,
+                       seconds=time.perf_counter() - t_start, approximate=True,
+                       message="the weight gradient is zero or not finite")
+
+
 def spear_recover(
     dW: torch.Tensor,
     db: torch.Tensor,
     W: torch.Tensor,
     b: torch.Tensor,
     batch_size: int | None = None,
-    config: SpearConfig | None = None,
-    **overrides: Any,
+    params: SpearParams | None = None,
+    *,
+    seed: int = 0,
 ) -> SpearResult:
     """Recover the inputs of a Linear→ReLU layer from its weight and bias gradients.
 
@@ -563,300 +1019,48 @@ def spear_recover(
     :param db: ``∂L/∂b``, shape ``(m,)``.
     :param W: the layer's weight ``(m, n)``; :param b: its bias ``(m,)``.
     :param batch_size: B when known; otherwise the numerical rank of ``dW``.
-    :param config: a :class:`SpearConfig`; keyword ``overrides`` replace its fields.
+    :param params: a :class:`SpearParams` (``Spear.Params``); defaults when None.
+    :param seed: seeds the sampling stage's generator.
     :returns: a :class:`SpearResult` with ``inputs`` of shape ``(B̂, n)``.
     """
-    cfg = config or SpearConfig()
-    if overrides:
-        cfg = SpearConfig(**{**cfg.__dict__, **overrides})
+    p = params or SpearParams()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    gen = torch.Generator().manual_seed(int(cfg.seed))
+    gen = torch.Generator().manual_seed(int(seed))
     rt, zt = _precision_tols(dW.dtype)
-    rank_tol = cfg.rank_tol or rt
-    zero_tol = cfg.zero_tol or zt
+    rank_tol = p.rank_tol or rt
+    zero_tol = p.zero_tol or zt
+    prob = _normalise(dW, db, W, b)
+    if prob is None:
+        return _degenerate_result(batch_size or 1, dW.shape[1], t_start)
 
-    dW = dW.detach().to(torch.float64).cpu()
-    db = db.detach().to(torch.float64).cpu().reshape(-1)
-    W = W.detach().to(torch.float64).cpu()
-    b = b.detach().to(torch.float64).cpu().reshape(-1)
-    m, n = dW.shape
-    scale = float(dW.abs().max())
-    if scale == 0 or not math.isfinite(scale):
-        X = torch.zeros(batch_size or 1, n, dtype=torch.float64)
-        return SpearResult(X, None, torch.zeros(X.shape[0], dtype=torch.bool), X.shape[0], 0,
-                           seconds=time.perf_counter() - t_start, approximate=True,
-                           message="the weight gradient is zero or not finite")
-    dW = dW / scale
-    db = db / scale
-
-    # 1. SVD and rank ------------------------------------------------------------------
     t = time.perf_counter()
-    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
-    rank = estimate_rank(S, rank_tol)
-    B = rank if batch_size is None else min(int(batch_size), S.numel())
-    if batch_size is not None and rank < B and rank < S.numel() and float(S[rank]) <= rank_tol * float(S[0]):
-        B = rank  # exact gradient of lower rank (duplicate inputs, a sample with zero gradient)
-    B = max(B, 1)
-    clean = B < S.numel() and float(S[B]) <= rank_tol * float(S[0])
+    rk = _factorise(prob.dW, batch_size, rank_tol)
     timings["svd"] = time.perf_counter() - t
+    full = _layer_problem(prob, rk, zero_tol)
 
-    alive = (dW.abs().amax(dim=1) > 0) | (db.abs() > 0)
-    if not clean:
-        # noisy gradient: every row is alive; zeros are only approximate
-        alive = torch.ones(m, dtype=torch.bool)
-        noise = float(S[B] / S[B - 1]) if B < S.numel() else 1.0
-        zero_tol = max(zero_tol, min(0.5, 3 * noise))
-    Ub, Sb, Vhb = U[:, :B], S[:B], Vh[:B]
-    full = _Full(Ub, Sb, Vhb, W, b, alive, zero_tol)
-
-    found_x: list[torch.Tensor] = []
-    found_g: list[torch.Tensor] = []
-    RW, Rb = dW.clone(), db.clone()
-
-    # 2. peeling ---------------------------------------------------------------------------
     t = time.perf_counter()
-    cand_x: list[torch.Tensor] = []  # each an affine combination of true samples, dominated by one
-    cand_q: list[torch.Tensor] = []  # its exact column of Q (unit, in the basis of Ub)
-    if cfg.peel and clean:
-        rows = alive.clone()
-        row_ref = dW.norm(dim=1).clamp_min(1e-300)
-        while len(cand_x) < B:
-            if time.perf_counter() - t_start > cfg.time_budget_s:
-                break
-            cand_rows = rows & (RW.norm(dim=1) > 10 * zero_tol * row_ref) & (Rb.abs() > 0)
-            ridx = torch.nonzero(cand_rows).flatten()
-            if ridx.numel() == 0:
-                break
-            Xc = RW[ridx] / Rb[ridx, None]
-            # a row gives its own sample only if that sample activates it
-            Xc = Xc[(W[ridx] * Xc).sum(1) + b[ridx] > 0]
-            if Xc.shape[0] == 0:
-                break
-            rep, counts = _group(Xc, 1e-9)
-            Xc = Xc[rep]
-            if cand_x:
-                d = torch.cdist(Xc, torch.stack(cand_x), compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
-                far = d > 1e-9 * Xc.norm(dim=1).clamp_min(1e-300)
-                Xc, counts = Xc[far], counts[far]
-            ok, qt = full.verify(Xc)
-            if not bool(ok.any()):
-                break
-            Xn, qn, cn = Xc[ok], qt[ok], counts[ok]
-            # one candidate per column of Q (same sample): the one most rows agree on
-            added = 0
-            for i in torch.argsort(cn, descending=True).tolist():
-                if any(abs(float(qn[i] @ q)) > 1 - 1e-9 for q in cand_q):
-                    continue
-                cand_x.append(Xn[i])
-                cand_q.append(qn[i])
-                added += 1
-                if len(cand_x) >= B:
-                    break
-            if not added:
-                break
-            Xf, Gf = _purify(torch.stack(cand_x), torch.stack(cand_q, 1), Ub, Sb, Vhb)
-            RW_new = dW - Gf @ Xf
-            Rb_new = db - Gf.sum(1)
-            rows = alive & ((RW_new - RW).norm(dim=1) > 10 * zero_tol * row_ref)
-            RW, Rb = RW_new, Rb_new
-            found_x, found_g = list(Xf), list(Gf.T)
-    elif cfg.peel:
-        found_x, found_g = _approx_peel(full, dW, db, B, t_start, cfg.time_budget_s)
-        if found_x:
-            RW = dW - torch.stack(found_g, 1) @ torch.stack(found_x)
-            Rb = db - torch.stack(found_g, 1).sum(1)
-    n_peeled = len(found_x)
+    peeled = _peel(prob, full, rk.clean, p, t_start)
     timings["peel"] = time.perf_counter() - t
 
-    # 3–4. sampling on the residual ------------------------------------------------------------
-    proposals = 0
-    n_sampled = 0
-    approximate = not clean
-    message = ""
-    Bp = B - n_peeled
     t = time.perf_counter()
-    t_assemble = 0.0
-    sampled_G: torch.Tensor | None = None
-    sampled_X: torch.Tensor | None = None
-    if Bp > 0:
-        if n_peeled:
-            U2, S2, Vh2 = torch.linalg.svd(RW, full_matrices=False)
-            U2, S2, Vh2 = U2[:, :Bp], S2[:Bp], Vh2[:Bp]
-            ralive = alive & (RW.norm(dim=1) > 10 * zero_tol * dW.norm(dim=1).clamp_min(1e-300))
-        else:
-            U2, S2, Vh2, ralive = Ub, Sb, Vhb, alive.clone()
-        na = int(ralive.sum())
-        # expected inactive share of a remaining sample on rows some remaining sample activates
-        p_cond = 0.5 * (1 - 0.5 ** (Bp - 1)) / (1 - 0.5**Bp) if Bp > 1 else 0.0
-        if cfg.sparsity_threshold > 0:
-            tau = int(cfg.sparsity_threshold * na)
-        else:
-            tau = sparsity_threshold(na, p_cond, cfg.false_rejection) if Bp > 1 else 0
-        floor = max(int(cfg.min_sparsity * na), Bp)
-        sampler = _Sampler(U2, ralive, zero_tol, cfg, gen, tau, floor)
-        budget = cfg.max_proposals if clean else min(cfg.max_proposals, cfg.approx_max_proposals)
-        if Bp > 1 and na >= Bp:
-            # few distinct submatrices (small layers, small residuals): sampling each ~20 times is enough
-            budget = min(budget, max(cfg.chunk_size, 20 * math.comb(na, Bp - 1)))
-        best: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (n_ok, X, G)
-        full_ok = False
-
-        def complete(cols: list[torch.Tensor]) -> torch.Tensor | None:
-            """G-column directions (m×B') from B'−2 … B' known columns (basis of U2), or None."""
-            if len(cols) == Bp - 2 and Bp >= 2:
-                for g in _two_missing(cols, U2, S2, Vh2, Rb, full):
-                    c = U2.T @ g
-                    c = c / c.norm().clamp_min(1e-300)
-                    if all(abs(float(c @ u)) < 1 - 1e-8 for u in cols) and len(cols) < Bp:
-                        cols = cols + [c]
-            if len(cols) == Bp - 1:
-                # the last sample from the bias gradient: a_last ⟂ known columns, aᵀ q_last = 1
-                if cols:
-                    a = _nullvec(torch.stack([c / S2 for c in cols], 0))[0]
-                else:
-                    a = torch.ones(Bp, dtype=torch.float64)
-                denom = float(a @ ((U2.T @ Rb) / S2))
-                if abs(denom) < 1e-300:
-                    return None
-                x = Vh2.T @ (a / denom)
-                okl, qtl = full.verify(x[None])
-                if not bool(okl[0]):
-                    return None
-                return torch.stack([U2 @ c for c in cols] + [full.g_column(x, qtl[0])], 1)
-            if len(cols) == Bp:
-                return torch.stack([U2 @ c for c in cols], 1)
-            return None
-
-        def try_assemble() -> tuple[int, torch.Tensor, torch.Tensor] | None:
-            order = sampler.ordered()
-            sel = _greedy_independent(list(sampler.pool_q), order, Bp)
-            if len(sel) < Bp - 2 or not clean:
-                return None
-            Ghat = complete([sampler.pool_q[i] for i in sel])
-            if Ghat is None:
-                return None
-            out = _assemble(Ghat, U2, S2, Vh2, Rb)
-            if out is None:
-                return None
-            Xs, Gs = out
-            okv, _ = full.verify(Xs)
-            n_ok = int(okv.sum())
-            if n_ok == Bp or len(sel) < Bp:
-                return n_ok, Xs, Gs
-            # swaps: replace columns of failing samples by unused candidates while the count improves
-            unused = [i for i in order if i not in sel]
-            tries = 0
-            improved = True
-            while improved and n_ok < Bp and tries < cfg.max_swaps:
-                improved = False
-                bad = torch.nonzero(~okv).flatten().tolist()
-                for pos in bad:
-                    for cand in list(unused):
-                        tries += 1
-                        trial = list(sel)
-                        trial[pos] = cand
-                        G2 = torch.stack([U2 @ sampler.pool_q[i] for i in trial], 1)
-                        o2 = _assemble(G2, U2, S2, Vh2, Rb)
-                        if o2 is None:
-                            continue
-                        ok2, _ = full.verify(o2[0])
-                        if int(ok2.sum()) > n_ok:
-                            unused.remove(cand)
-                            unused.append(sel[pos])
-                            sel, okv, n_ok, (Xs, Gs) = trial, ok2, int(ok2.sum()), o2
-                            improved = True
-                            break
-                        if tries >= cfg.max_swaps:
-                            break
-                    if improved or tries >= cfg.max_swaps:
-                        break
-            return n_ok, Xs, Gs
-
-        if Bp <= 2 and clean:
-            ta = time.perf_counter()
-            res = try_assemble()
-            t_assemble += time.perf_counter() - ta
-            if res is not None:
-                best = res
-                full_ok = res[0] == Bp
-        pending = False
-        last_end, last_cost = 0.0, 0.0
-        while not full_ok and Bp > 1 and na >= Bp:
-            out_of_time = time.perf_counter() - t_start > cfg.time_budget_s
-            out_of_props = sampler.tried >= budget
-            if not (out_of_time or out_of_props):
-                pending |= sampler.chunk(min(cfg.chunk_size, budget - sampler.tried)) > 0
-            # assemble when the pool changed, spending at most about a third of the time on it
-            now = time.perf_counter()
-            if pending and (out_of_time or out_of_props or now - last_end >= 2 * last_cost):
-                pending = False
-                res = try_assemble()
-                last_end = time.perf_counter()
-                last_cost = last_end - now
-                t_assemble += last_cost
-                if res is not None and (best is None or res[0] > best[0]):
-                    best = res
-                    full_ok = res[0] == Bp
-            if out_of_time or out_of_props:
-                if not full_ok:
-                    message = "time budget exhausted" if out_of_time else "proposal budget exhausted"
-                break
-        proposals = sampler.tried
-        timings["sample_solve"] = sampler.t_solve
-        timings["sample_filter"] = sampler.t_filter
-        if best is not None:
-            sampled_X, sampled_G = best[1], best[2]
-            n_sampled = best[0]
-        else:
-            # best approximate batch: greedy columns, completed with orthogonal directions
-            order = sampler.ordered()
-            sel = _greedy_independent(list(sampler.pool_q), order, Bp)
-            cols = [sampler.pool_q[i] for i in sel]
-            extra = torch.randn(Bp, Bp, dtype=torch.float64, generator=gen)
-            for j in range(Bp):
-                if len(cols) >= Bp:
-                    break
-                v = extra[:, j].clone()
-                for u in cols:
-                    v = v - (u @ v) / (u @ u) * u
-                if float(v.norm()) > 1e-6:
-                    cols.append(v / v.norm())
-            Ghat = torch.stack([U2 @ c for c in cols], 1)
-            out = _assemble(Ghat, U2, S2, Vh2, Rb)
-            if out is None:
-                sampled_X = Vh2.clone()
-                sampled_G = U2 * S2[None, :]
-            else:
-                sampled_X, sampled_G = out
-            approximate = True
+    sampled = _sample(prob, full, rk.clean, peeled, p, gen, t_start) if rk.B > len(peeled.X) else None
+    if sampled is not None:
+        timings["sample_solve"] = sampled.t_solve
+        timings["sample_filter"] = sampled.t_filter
     timings["sample"] = time.perf_counter() - t
-    timings["assemble"] = t_assemble
+    timings["assemble"] = sampled.t_assemble if sampled is not None else 0.0
 
-    # 5. final assembly in the full basis (most precise when every column is known) ---------------
     t = time.perf_counter()
-    Xs_list = list(found_x)
-    Gs_list = list(found_g)
-    if sampled_X is not None:
-        Xs_list += list(sampled_X)
-        Gs_list += list(sampled_G.T)
-    X = torch.stack(Xs_list) if Xs_list else torch.zeros(0, n, dtype=torch.float64)
-    G = torch.stack(Gs_list, 1) if Gs_list else torch.zeros(m, 0, dtype=torch.float64)
-    exact, _ = full.verify(X) if clean else (torch.zeros(X.shape[0], dtype=torch.bool), None)
-    if clean and X.shape[0] == B and bool(exact.all()):
-        out = _assemble(G / G.norm(dim=0, keepdim=True).clamp_min(1e-300), Ub, Sb, Vhb, db)
-        if out is not None:
-            X2, G2 = out
-            ok2, _ = full.verify(X2)
-            if bool(ok2.all()):
-                X, G, exact = X2, G2, ok2
+    final = _final_batch(prob, full, rk.clean, peeled, sampled)
     timings["final"] = time.perf_counter() - t
-    G = G * scale
-    seconds = time.perf_counter() - t_start
-    if not clean:
+    message = sampled.message if sampled is not None else ""
+    if not rk.clean:
         message = message or "no exact low-rank structure (noisy update): approximate batch"
+    approximate = sampled.approximate if sampled is not None else not rk.clean
     return SpearResult(
-        inputs=X, grad_z=G, exact=exact, batch_size=B, rank=rank, proposals=proposals, seconds=seconds,
-        timings=timings, n_peeled=n_peeled, n_sampled=n_sampled, approximate=approximate or not bool(exact.all()),
-        message=message,
+        inputs=final.X, grad_z=final.G * prob.scale, exact=final.exact, batch_size=rk.B, rank=rk.rank,
+        proposals=sampled.proposals if sampled is not None else 0, seconds=time.perf_counter() - t_start,
+        timings=timings, n_peeled=len(peeled.X), n_sampled=sampled.n_sampled if sampled is not None else 0,
+        approximate=approximate or not bool(final.exact.all()), message=message,
     )

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from defenda.interfaces import Attack, Knowledge, Reconstruction, Requirements, SharedUpdate, TaskData
-from defenda.params import param
+from defenda import Attack, Knowledge, Reconstruction, Requirements, SharedUpdate, TaskData
+from defenda_attacks._spear_core import SpearParams, SpearResult, spear_recover
 
 if TYPE_CHECKING:
     from torch import nn
@@ -83,57 +83,61 @@ def find_linear_relu(model: nn.Module, input_shape: tuple[int, ...], name: str =
 
 
 class Spear(Attack):
-    """SPEAR (Dimitrov et al., NeurIPS 2024): exact batch recovery from a Linear→ReLU layer's gradient.
+    """SPEAR: exact batch recovery from the gradient of a Linear→ReLU layer.
 
-    Dimitrov, Baader, Müller, Vechev, "SPEAR: Exact Gradient Inversion of Batches in
-    Federated Learning", NeurIPS 2024. Honest server.
+    Paper: Dimitar I. Dimitrov, Maximilian Baader, Mark Niklas Müller, Martin Vechev,
+    "SPEAR: Exact Gradient Inversion of Batches in Federated Learning", NeurIPS 2024.
+    https://arxiv.org/abs/2403.03945
 
-    The target is the first ``nn.Linear(n, m)`` followed by ``nn.ReLU`` (``W``: m×n,
-    bias ``b``: m). From its gradients ``∂L/∂W = G Xᵀ`` (m×n, rank B) and
-    ``∂L/∂b = G 1`` (m), with ``G = ∂L/∂Z`` (m×B) sparse because of the ReLU, the
-    attack recovers the layer inputs ``X`` (B×n) exactly: SVD in float64, batch size
-    from the numerical rank when not known, dead neurons excluded; samples peeled off
-    from neurons only one remaining sample activates (``x = ∂L/∂W[r] / ∂L/∂b[r]``);
-    the rest from random (B−1)-row submatrices of ``L = U_B S_B`` solved in
-    vectorised chunks, a sparsity filter calibrated to the number of alive neurons,
-    deduplication, greedy selection with a ReLU-consistency score and swaps; scales
-    and signs from the bias gradient; ``Xᵀ = Q⁻¹ R``. Every recovered sample is
-    checked exactly; ``info["n_exact_estimate"]`` counts those that pass.
+    Threat model: honest-but-curious server; FedSGD gradient (or a FedAvg delta of
+    one local step); knowledge: none required (the batch size is the gradient's
+    numerical rank when not granted; labels are recovered); model: an
+    ``nn.Linear(n, m)`` with bias followed by ``nn.ReLU``, with width m and input
+    size n both larger than the batch size.
 
-    * MLP (the layer reads the flattened input): ``inputs`` has shape
-      ``(B̂, *input_shape)``; labels are recovered from the per-sample gradients.
-    * CNN (the layer reads conv features): the features ``(B̂, n)`` are recovered
-      exactly (``info["features"]``) and inverted to images by optimisation
-      (``feature_inversion_steps``).
-    * Noisy updates (DP, noise defenses): no exact structure; the best approximate
-      batch is returned with ``info["approximate"] = True``.
+    From the layer's gradients ``∂L/∂W = G Xᵀ`` (m×n, rank B) and ``∂L/∂b = G 1``,
+    with ``G = ∂L/∂Z`` sparse because of the ReLU, the attack recovers the layer
+    inputs ``X`` exactly (the stages are described in
+    :mod:`defenda_attacks._spear_core`). Every recovered sample is checked
+    exactly; ``info["n_exact_estimate"]`` counts those that pass. When the layer
+    reads the flattened input (an MLP) the inputs are the images; when it reads
+    conv features (a CNN) the features are exact and inverted to images by
+    optimisation. A noisy update (DP, noise defenses) has no exact structure: the
+    best approximate batch is returned with ``info["approximate"] = True``.
 
-    Needs a Linear→ReLU layer with bias whose width m and input size n both exceed
-    the batch size.
+    Arguments:
+        max_proposals (int, 10_000_000): most (B−1)-row submatrices the sampling stage tries.
+        time_budget_s (float, 60.0): wall-clock budget; when spent, return the batch found so far.
+        chunk_size (int, 4096): proposals solved together in one vectorised chunk.
+        rank_tol (float, 0.0): relative singular-value cut for the batch size (0: 1e-10 float64, 1e-5 float32).
+        zero_tol (float, 0.0): relative size below which an entry of G counts as zero (0: by precision).
+        sparsity_threshold (float, 0.0): share of alive neurons a column of G must be zero on (0: calibrated).
+        false_rejection (float, 1e-9): false-rejection rate that calibrates the sparsity threshold.
+        min_sparsity (float, 0.05): weakest candidate kept in the pool, as a share of alive neurons.
+        peel (bool, True): peel off samples from neurons that a single remaining sample activates.
+        approx_max_proposals (int, 20_000): proposal budget when the update is noisy.
+        layer (str, ""): name of the Linear layer to attack (empty: the first Linear followed by ReLU).
+        recover_labels (bool, True): recover labels from the per-sample gradients.
+        feature_inversion_steps (int, 300): Adam steps inverting recovered CNN features to images (0: off).
+        feature_inversion_lr (float, 0.05): Adam learning rate of the feature inversion.
+        features_in_info (bool, True): store recovered CNN features in ``info["features"]`` (lists of floats).
+
+    Shapes:
+        update: one tensor per model parameter, the layer's ``weight`` ``(m, n)`` and ``bias`` ``(m,)``
+        among them; returns ``inputs`` ``(B̂, *input_shape)``, ``labels`` ``(B̂,)``; ``info`` keys
+        ``n_exact_estimate``, ``batch_size_estimate``, ``proposals_tried``, ``seconds``, ``rank``,
+        ``n_peeled``, ``n_sampled``, ``approximate``, ``layer``, ``timings``, ``non_finite``, and when
+        they apply ``message``, ``labels_error``, ``features`` ``(B̂, n)`` and ``feature_inversion_loss``.
+
+    Example::
+
+        from defenda import reconstruct
+        rec = reconstruct("spear", model, grads, batch_size=8, input_shape=(64,))
     """
 
     name = "spear"
     requires = Requirements(server="honest", updates=frozenset({"gradient", "delta"}))
-
-    @dataclass(frozen=True)
-    class Params:
-        max_proposals: int = param(10_000_000, "most (B-1)-row submatrices the sampling stage tries")
-        time_budget_s: float = param(60.0, "wall-clock budget; when spent, return the batch found so far")
-        chunk_size: int = param(4096, "proposals solved together in one vectorised chunk")
-        rank_tol: float = param(0.0, "relative singular-value cut for the batch size (0: 1e-10 float64, 1e-5 float32)")
-        zero_tol: float = param(0.0, "relative size below which an entry of G counts as zero (0: by precision)")
-        sparsity_threshold: float = param(
-            0.0, "share of alive neurons a column of G must be zero on (0: calibrated binomial quantile)"
-        )
-        false_rejection: float = param(1e-9, "false-rejection rate that calibrates the sparsity threshold")
-        min_sparsity: float = param(0.05, "weakest candidate kept in the pool, as a share of alive neurons")
-        peel: bool = param(True, "peel off samples from neurons that a single remaining sample activates")
-        approx_max_proposals: int = param(20_000, "proposal budget when the update is noisy (no exact structure)")
-        layer: str = param("", "name of the Linear layer to attack (empty: the first Linear followed by ReLU)")
-        recover_labels: bool = param(True, "recover labels from the per-sample gradients (when the layer is found)")
-        feature_inversion_steps: int = param(300, "Adam steps inverting recovered CNN features to images (0: off)")
-        feature_inversion_lr: float = param(0.05, "Adam learning rate of the feature inversion")
-        features_in_info: bool = param(True, "store recovered CNN features in info['features'] (lists of floats)")
+    Params = SpearParams
 
     # ------------------------------------------------------------------------------------------
     def check(self, model: nn.Module, data: TaskData, knowledge: Knowledge) -> str | None:
@@ -153,8 +157,6 @@ class Spear(Attack):
         return None
 
     def reconstruct(self, update: SharedUpdate, model: nn.Module, knowledge: Knowledge) -> Reconstruction:
-        from defenda_attacks._spear_core import SpearConfig, spear_recover
-
         p = self.params
         shape = tuple(knowledge.input_shape)
         layer = find_linear_relu(model, shape, p.layer)
@@ -163,37 +165,12 @@ class Spear(Attack):
         dW = _update_tensor(update, model, f"{layer.name}.weight")
         db = _update_tensor(update, model, f"{layer.name}.bias")
         lin = layer.module
-        cfg = SpearConfig(
-            max_proposals=p.max_proposals,
-            time_budget_s=p.time_budget_s,
-            chunk_size=p.chunk_size,
-            rank_tol=p.rank_tol or None,
-            zero_tol=p.zero_tol or None,
-            sparsity_threshold=p.sparsity_threshold,
-            false_rejection=p.false_rejection,
-            min_sparsity=p.min_sparsity,
-            peel=p.peel,
-            approx_max_proposals=p.approx_max_proposals,
-            seed=knowledge.seed,
-        )
-        res = spear_recover(dW, db, lin.weight, lin.bias, batch_size=knowledge.batch_size, config=cfg)
+        res = spear_recover(dW, db, lin.weight, lin.bias, batch_size=knowledge.batch_size, params=p,
+                            seed=knowledge.seed)
         dtype = lin.weight.dtype
         device = lin.weight.device
         Bh = res.inputs.shape[0]
-        info: dict[str, Any] = {
-            "n_exact_estimate": res.n_exact,
-            "batch_size_estimate": res.batch_size,
-            "proposals_tried": int(res.proposals),
-            "seconds": round(res.seconds, 4),
-            "rank": res.rank,
-            "n_peeled": res.n_peeled,
-            "n_sampled": res.n_sampled,
-            "approximate": bool(res.approximate),
-            "layer": layer.name,
-            "timings": {k: round(v, 4) for k, v in res.timings.items()},
-        }
-        if res.message:
-            info["message"] = res.message
+        info = _info(res, layer.name)
         feats = res.inputs.to(device=device, dtype=dtype)
         if layer.is_first:
             inputs = feats.reshape(Bh, *shape)
@@ -270,6 +247,25 @@ class Spear(Attack):
             h.remove()
         info["feature_inversion_loss"] = loss_val
         return x.detach()
+
+
+def _info(res: SpearResult, layer: str) -> dict[str, Any]:
+    """The JSON-friendly diagnostics of one recovery."""
+    info: dict[str, Any] = {
+        "n_exact_estimate": res.n_exact,
+        "batch_size_estimate": res.batch_size,
+        "proposals_tried": int(res.proposals),
+        "seconds": round(res.seconds, 4),
+        "rank": res.rank,
+        "n_peeled": res.n_peeled,
+        "n_sampled": res.n_sampled,
+        "approximate": bool(res.approximate),
+        "layer": layer,
+        "timings": {k: round(v, 4) for k, v in res.timings.items()},
+    }
+    if res.message:
+        info["message"] = res.message
+    return info
 
 
 def _update_tensor(update: SharedUpdate, model: nn.Module, name: str) -> torch.Tensor:
