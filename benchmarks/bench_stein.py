@@ -5,7 +5,7 @@ training split), B = 4, tanh, m = 1e5 by default, one CPU thread. Each repeat dr
 fresh attacker model and batch. Reported, as medians:
 
 * ``prepare``: drawing the attacker's model (``prepare_model``);
-* ``client``: the client's FedSGD gradient on it (``defenda.client.compute_update``);
+* ``client``: the client's FedSGD gradient on it (``defenda.federation.client.compute_update``);
 * ``span``, ``estimator``, ``decomposition``, ``sign_scale``: the stages of ``reconstruct``
   (from the ``t_*`` entries of ``Reconstruction.info``), ``other`` the rest of ``reconstruct``;
 * ``attack``: ``reconstruct`` wall time with ``refine_steps = 0`` (goal ≤ 1 s);
@@ -24,45 +24,22 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from defenda.client import compute_update
-from defenda.interfaces import Knowledge, TaskData
+from defenda import Knowledge, Reconstruction, TaskData
+from defenda.data import load_digits_task
+from defenda.federation.client import compute_update
 from defenda_attacks.stein import Stein
 
-
-def digits_task() -> TaskData:
-    """defenda's digits task when available, else the same construction from scikit-learn."""
-    try:
-        from defenda.data import load_digits_task
-
-        return load_digits_task()
-    except ImportError:  # pragma: no cover - older trees
-        from sklearn.datasets import load_digits
-
-        raw = load_digits()
-        x = torch.tensor(raw.images / 16.0, dtype=torch.float32)[:, None]
-        y = torch.tensor(raw.target, dtype=torch.int64)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        x, y = x[perm], y[perm]
-        mean, std = x[:1258].mean(), x[:1258].std()
-        xm = (x - mean) / std
-        return TaskData(
-            "digits",
-            "image",
-            (1, 8, 8),
-            10,
-            (xm[:1258], y[:1258]),
-            (xm[1258:1438], y[1258:1438]),
-            (xm[1438:], y[1438:]),
-            mean.reshape(1, 1, 1),
-            std.reshape(1, 1, 1),
-        )
+T = TypeVar("T")
+STAGES = ("span", "estimator", "decomposition", "sign_scale", "refinement")
 
 
-def quality(x: torch.Tensor, y: torch.Tensor, rec) -> dict[str, float]:
+def quality(x: torch.Tensor, y: torch.Tensor, rec: Reconstruction) -> dict[str, float]:
     a = x.reshape(len(x), -1).double()
     b = rec.inputs.reshape(len(rec.inputs), -1).double()
     c = (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
@@ -76,56 +53,34 @@ def quality(x: torch.Tensor, y: torch.Tensor, rec) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=float, default=1e5)
-    ap.add_argument("--activation", default="tanh")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--refine-steps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", action="store_true", help="print the medians as JSON")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    data = digits_task()
-    m = int(args.width)
-    plain = Stein(width=m, activation=args.activation)
-    refined = Stein(width=m, activation=args.activation, refine_steps=args.refine_steps)
-    kn = Knowledge(
-        input_shape=data.input_shape, num_classes=data.num_classes, task_kind=data.kind, mean=data.mean, std=data.std
-    )
-    rows = []
-    for rep in range(args.repeats + 1):  # the first repeat warms up and is dropped
-        torch.manual_seed(rep)
-        t = time.perf_counter()
-        model = plain.prepare_model(torch.nn.Linear(1, 1), data)
-        t_prep = time.perf_counter() - t
-        idx = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(rep))[: args.batch]
-        x, y = data.train[0][idx], data.train[1][idx]
-        t = time.perf_counter()
-        update = compute_update(model, x, y)
-        t_client = time.perf_counter() - t
-        t = time.perf_counter()
-        rec = plain.reconstruct(update, model, kn)
-        t_attack = time.perf_counter() - t
-        t = time.perf_counter()
-        rec2 = refined.reconstruct(update, model, kn)
-        t_refined = time.perf_counter() - t
-        stages = ("span", "estimator", "decomposition", "sign_scale", "refinement")
-        tm = {k: rec.info[f"t_{k}"] for k in stages}
-        row = {"prepare": t_prep, "client": t_client, **{k: v for k, v in tm.items() if k != "refinement"}}
-        row["other"] = t_attack - sum(tm.values())
-        row["attack"] = t_attack
-        row["refinement"] = rec2.info["t_refinement"]
-        row["attack_refined"] = t_refined
-        row.update({f"q_{k}": v for k, v in quality(x, y, rec).items()})
-        row.update({f"qr_{k}": v for k, v in quality(x, y, rec2).items()})
-        if rep > 0:
-            rows.append(row)
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    if args.json:
-        print(json.dumps(med, indent=1))
-        return
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+def one_repeat(rep: int, data: TaskData, plain: Stein, refined: Stein, batch: int) -> dict[str, float]:
+    """One fresh attacker model and batch: the timings and the quality of both attacks."""
+    torch.manual_seed(rep)
+    model, t_prep = _timed(plain.prepare_model, torch.nn.Linear(1, 1), data)
+    idx = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(rep))[:batch]
+    x, y = data.train[0][idx], data.train[1][idx]
+    update, t_client = _timed(compute_update, model, x, y)
+    kn = Knowledge(space=data.space)
+    rec, t_attack = _timed(plain.reconstruct, update, model, kn)
+    rec2, t_refined = _timed(refined.reconstruct, update, model, kn)
+    tm = {k: rec.info[f"t_{k}"] for k in STAGES}
+    row = {"prepare": t_prep, "client": t_client, **{k: v for k, v in tm.items() if k != "refinement"}}
+    row["other"] = t_attack - sum(tm.values())
+    row["attack"] = t_attack
+    row["refinement"] = rec2.info["t_refinement"]
+    row["attack_refined"] = t_refined
+    row.update({f"q_{k}": v for k, v in quality(x, y, rec).items()})
+    row.update({f"qr_{k}": v for k, v in quality(x, y, rec2).items()})
+    return row
+
+
+def print_report(med: dict[str, float], args: argparse.Namespace, m: int) -> None:
     print(
         f"stein: digits d=64, B={args.batch}, {args.activation}, m={m}, {args.threads} thread(s), "
         f"median of {args.repeats} repeats"
@@ -145,6 +100,30 @@ def main() -> None:
         )
     goal = "met" if med["attack"] <= 1.0 else "NOT met"
     print(f"goal (reconstruct <= 1 s at m = {m}): {goal}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=float, default=1e5)
+    ap.add_argument("--activation", default="tanh")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--refine-steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print the medians as JSON")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_digits_task()
+    m = int(args.width)
+    plain = Stein(width=m, activation=args.activation)
+    refined = Stein(width=m, activation=args.activation, refine_steps=args.refine_steps)
+    # the first repeat warms up and is dropped
+    rows = [one_repeat(rep, data, plain, refined, args.batch) for rep in range(args.repeats + 1)][1:]
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    if args.json:
+        print(json.dumps(med, indent=1))
+    else:
+        print_report(med, args, m)
 
 
 if __name__ == "__main__":

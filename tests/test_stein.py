@@ -12,7 +12,7 @@ The quality and rate tests use the tensor step alone (``refine_steps = 0``).
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 
 import numpy as np
@@ -20,9 +20,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from defenda.client import compute_update
-from defenda.errors import UnsupportedError
-from defenda.interfaces import Knowledge, SharedUpdate, TaskData
+from defenda import Knowledge, SharedUpdate, TaskData, UnsupportedError
+from defenda.federation.client import compute_update
 from defenda.params import validate_params_class
 from defenda_attacks import _stein_core as core
 from defenda_attacks.stein import Stein
@@ -58,15 +57,7 @@ def digits() -> TaskData:
 
 
 def _knowledge(data: TaskData, seed: int, **kw) -> Knowledge:
-    return Knowledge(
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
-        task_kind=data.kind,
-        mean=data.mean,
-        std=data.std,
-        seed=seed,
-        **kw,
-    )
+    return Knowledge(space=data.space, seed=seed, **kw)
 
 
 def _batch(data: TaskData, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,8 +164,7 @@ def test_same_label_samples_and_granted_batch_size(digits: TaskData) -> None:
     torch.manual_seed(5)
     att = Stein(width=100_000, activation="tanh")
     model = att.prepare_model(torch.nn.Linear(1, 1), digits)
-    kn = dataclasses.replace(_knowledge(digits, 5), granted=frozenset({"batch_size"}), batch_size=B)
-    rec = att.reconstruct(compute_update(model, x, y), model, kn)
+    rec = att.reconstruct(compute_update(model, x, y), model, _knowledge(digits, 5, batch_size=B))
     r, k, cos = _match(x, rec.inputs)
     assert np.abs(cos).mean() >= 0.99, cos
     assert torch.equal(rec.labels[k], y[r])
@@ -255,5 +245,10 @@ def test_contract_on_the_tiny_cases(kind: str) -> None:
 
     rec = check_attack(Stein, {"width": 4000}, case=make_tiny_case(kind))
     assert rec.info["batch_size_est"] == 2
-    json_ok = __import__("json").dumps(rec.info)
-    assert json_ok
+    assert json.dumps(rec.info)
+
+
+def test_the_core_uses_the_shared_rank_estimate() -> None:
+    from defenda_attacks import _linalg
+
+    assert core.estimate_rank is _linalg.estimate_rank

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from defenda_attacks._linalg import estimate_rank
+
 Act = Callable[[torch.Tensor], torch.Tensor]
 
 #: activations the attack can model: name -> elementwise torch function
@@ -119,20 +121,6 @@ def _gram(M: torch.Tensor, chunk: int = 20000) -> torch.Tensor:
     return G
 
 
-def estimate_rank(svals: torch.Tensor, rtol: float = 1e-4) -> int:
-    """Numerical rank: singular values above ``rtol·s_max``; when none drop out (a noisy
-    update), the position of the largest gap in ``log s``."""
-    s = svals.clamp_min(0)
-    if float(s[0]) == 0.0:
-        return 0
-    k = int((s > rtol * s[0]).sum())
-    if k < len(s):
-        return k
-    ls = torch.log(s.clamp_min(s[0] * 1e-300))
-    gaps = ls[:-1] - ls[1:]
-    return int(torch.argmax(gaps)) + 1
-
-
 def _row_space(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Right singular vectors (d, r) and singular values of ``G`` (n, d), via the smaller Gram matrix."""
     n, d = G.shape
@@ -150,7 +138,7 @@ def _row_space(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def span_from_weight_gradient(
     grad_w: torch.Tensor, rank: int | None = None, rtol: float = 1e-4, rows: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Span of the batch from the first-layer weight gradient (Option A, exact).
+    """Span of the batch from the first-layer weight gradient (exact).
 
     Every row of ``∇_W L`` (m, d) lies in ``span{x_i}``, so ``rows`` of them (the weights
     are i.i.d., the first ones are a random subset) already give the span exactly when the
@@ -281,6 +269,12 @@ def hermite_moment(Y: torch.Tensor, U: torch.Tensor, order: int, chunk: int = 20
     return T - six + S0[:, None, None, None, None] * dd
 
 
+def _linear_features(W: torch.Tensor, start: int, chunk: int, scale: float) -> torch.Tensor:
+    """``[1, scale·w_j]`` for the rows ``start … start+chunk`` of ``W``, in float64."""
+    rows = W[start : start + chunk].to(torch.float64) * scale
+    return torch.cat([torch.ones(len(rows), 1, dtype=torch.float64, device=W.device), rows], 1)
+
+
 def _regress_linear(Y: torch.Tensor, W: torch.Tensor, scale: float, chunk: int = 20000) -> torch.Tensor:
     """``Y`` minus its least-squares fit on ``[1, scale·w_j]`` (orders 0 and 1: control variates
     for the order-2 and order-3 span estimators), by streamed normal equations."""
@@ -289,26 +283,13 @@ def _regress_linear(Y: torch.Tensor, W: torch.Tensor, scale: float, chunk: int =
     A = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=W.device)
     b = torch.zeros(d + 1, K, dtype=torch.float64, device=W.device)
     for s in range(0, m, chunk):
-        f = torch.cat(
-            [
-                torch.ones(min(chunk, m - s), 1, dtype=torch.float64, device=W.device),
-                W[s : s + chunk].to(torch.float64) * scale,
-            ],
-            1,
-        )
+        f = _linear_features(W, s, chunk, scale)
         A += f.T @ f
         b += f.T @ Y[:, s : s + chunk].T
     coef = torch.linalg.solve(A, b)  # (d+1, K)
     out = Y.clone()
     for s in range(0, m, chunk):
-        f = torch.cat(
-            [
-                torch.ones(min(chunk, m - s), 1, dtype=torch.float64, device=W.device),
-                W[s : s + chunk].to(torch.float64) * scale,
-            ],
-            1,
-        )
-        out[:, s : s + chunk] -= (f @ coef).T
+        out[:, s : s + chunk] -= (_linear_features(W, s, chunk, scale) @ coef).T
     return out
 
 
@@ -363,11 +344,11 @@ def span_from_tensor(
     probes: int = 2,
     chunk: int = 20000,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Span without ``∇_W``: Option B (order 2, μ₂ ≠ 0) or Option C (odd σ, order 3 contracted with
-    random θ's), every observation row stacked; top singular (= |eigen|) vectors.
+    """Span without ``∇_W``: the order-2 estimator (μ₂ ≠ 0) or, for odd σ, the order-3 one contracted with
+    random θ's, every observation row stacked; top singular (= |eigen|) vectors.
 
-    * Option B: ``(1/m) Σ_j Y_kj (w_j w_jᵀ - I)`` → ``μ₂ Σ_i R_ki x_i x_iᵀ``.
-    * Option C: ``(1/m) Σ_j Y_kj [(θᵀw_j) w_j w_jᵀ - (θᵀw_j) I - w_j θᵀ - θ w_jᵀ]`` →
+    * order 2: ``(1/m) Σ_j Y_kj (w_j w_jᵀ - I)`` → ``μ₂ Σ_i R_ki x_i x_iᵀ``.
+    * order 3: ``(1/m) Σ_j Y_kj [(θᵀw_j) w_j w_jᵀ - (θᵀw_j) I - w_j θᵀ - θ w_jᵀ]`` →
       ``μ₃ Σ_i R_ki (θᵀx_i) x_i x_iᵀ``.
 
     Orders 0 and 1 are regressed out of ``Y`` first (control variates). When ``k`` is None the
@@ -404,6 +385,15 @@ def _design(Vc: np.ndarray, p: int) -> np.ndarray:
     for _ in range(p - 1):
         out = np.einsum("an,bn->abn", out, Vc).reshape(-1, n)
     return out
+
+
+def _design_t(V: torch.Tensor, p: int) -> torch.Tensor:
+    """Torch version of :func:`_design`."""
+    n = V.shape[1]
+    pw = V
+    for _ in range(p - 1):
+        pw = (pw[:, None, :] * V[None, :, :]).reshape(-1, n)
+    return pw
 
 
 def fit_weights(T: np.ndarray, Vc: np.ndarray) -> tuple[np.ndarray, float]:
@@ -452,9 +442,7 @@ def _power_and_grad(V: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor
     """``vec(v_i^{⊗p})`` (B^p, n) and its derivative w.r.t. ``v_i`` (B^p, B, n)."""
     B, n = V.shape
     eye = torch.eye(B, dtype=V.dtype, device=V.device)
-    pw = V
-    for _ in range(p - 1):
-        pw = (pw[:, None, :] * V[None, :, :]).reshape(-1, n)
+    pw = _design_t(V, p)
     total = torch.zeros(B**p, B, n, dtype=V.dtype, device=V.device)
     for pos in range(p):
         g = eye[:, :, None].expand(B, B, n) if pos == 0 else V[:, None, :].expand(B, B, n)  # (a_0, b, n)
@@ -504,15 +492,6 @@ def cp_refine(T: np.ndarray, Vc: np.ndarray, max_iter: int = 50) -> tuple[np.nda
     return V, res
 
 
-def _design_t(V: torch.Tensor, p: int) -> torch.Tensor:
-    """Torch version of :func:`_design`."""
-    n = V.shape[1]
-    pw = V
-    for _ in range(p - 1):
-        pw = (pw[:, None, :] * V[None, :, :]).reshape(-1, n)
-    return pw
-
-
 def decompose(
     T: np.ndarray, n_components: int, restarts: int, rng: np.random.Generator, lm_iter: int = 30
 ) -> tuple[np.ndarray, np.ndarray, float, dict[str, Any]]:
@@ -543,12 +522,12 @@ def decompose(
 # --------------------------------------------------------------------------- sign and scale
 
 
-def _design_act(act: str, P: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+def hidden_activations(act: str, P: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     """``σ(P Z)`` (m, n): the hidden activations for inputs ``V z_i`` given ``P = W V``."""
     return act_fn(act)(P @ Z)
 
 
-def _lsq(Phi: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, float]:
+def least_squares(Phi: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, float]:
     """``R`` (K, n) minimising ``‖Y - R Φᵀ‖`` and the relative residual."""
     sol = torch.linalg.lstsq(Phi, Y.T).solution
     res = torch.linalg.norm(Y.T - Phi @ sol) / torch.linalg.norm(Y).clamp_min(1e-300)
@@ -567,7 +546,7 @@ def resolve_signs(
     dt = Zdir.dtype
 
     def resid(s: torch.Tensor) -> float:
-        return _lsq(_design_act(act, P, Zdir * (s * rho)[None]), Y)[1]
+        return least_squares(hidden_activations(act, P, Zdir * (s * rho)[None]), Y)[1]
 
     if n <= 10:
         best = None
@@ -663,7 +642,7 @@ def fit_norms(
     K = Y.shape[0]
     scale = float(torch.linalg.norm(Y)) or 1.0
     H = P @ Zdir  # (m, n) pre-activations of unit-norm inputs
-    R0, _ = _lsq(act_fn(act)(H * rho0[None]), Y)
+    R0, _ = least_squares(act_fn(act)(H * rho0[None]), Y)
 
     def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.exp(x[:n]), x[n:].reshape(K, n)
