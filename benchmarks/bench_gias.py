@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from defenda.client import compute_update
+from defenda import Knowledge
 from defenda.data import load_digits_task
 from defenda.federation import GradientHistory
-from defenda.interfaces import Knowledge
+from defenda.federation.client import compute_update
 from defenda.metrics import apply_matching, psnr
 from defenda.models import SmallCNN
 from defenda_attacks.geiping import Geiping
@@ -63,10 +63,8 @@ def trial(data: Any, attack: Any, seed: int, batch: int, cache: str, prune: floa
     if prune:
         update = Prune(fraction=prune).transform(update, gen)
     model.eval()
-    know = Knowledge(input_shape=data.input_shape, num_classes=10, task_kind="image", mean=data.mean, std=data.std,
-                     granted=frozenset({"labels", "batch_size", "public_data", "gradient_history"}),
-                     batch_size=batch, labels=y, public=data.public, history=GradientHistory(*data.public, lr=0.1),
-                     seed=seed, cache_dir=cache)
+    know = Knowledge(space=data.space, batch_size=batch, labels=y, public=data.public,
+                     history=GradientHistory(*data.public, lr=0.1), seed=seed, cache_dir=cache)
     torch.manual_seed(seed + 1)
     t0 = time.perf_counter()
     rec = attack.reconstruct(update, model, know)
@@ -102,15 +100,13 @@ def section_prior(data: Any, repeats: int, cache: str) -> dict[str, Any]:
     for _ in range(repeats):
         _generators._MEMO.clear()
         with tempfile.TemporaryDirectory() as tmp:
-            know = Knowledge(input_shape=data.input_shape, num_classes=10, task_kind="image", mean=data.mean,
-                             std=data.std, public=data.public, cache_dir=tmp)
+            know = Knowledge(space=data.space, public=data.public, cache_dir=tmp)
             t0 = time.perf_counter()
             GIAS().prior(SmallCNN(1, 8, 10), know)
             times.append(time.perf_counter() - t0)
     _generators._MEMO.clear()
     with tempfile.TemporaryDirectory() as tmp:
-        know = Knowledge(input_shape=data.input_shape, num_classes=10, task_kind="image", mean=data.mean,
-                         std=data.std, history=GradientHistory(*data.public, lr=0.1), cache_dir=tmp)
+        know = Knowledge(space=data.space, history=GradientHistory(*data.public, lr=0.1), cache_dir=tmp)
         t0 = time.perf_counter()
         GIML().prior(SmallCNN(1, 8, 10), know)
         giml = time.perf_counter() - t0

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from defenda.client import compute_update
+from defenda import RoundSettings, SharedUpdate
 from defenda.errors import ParamError
-from defenda.interfaces import SharedUpdate
+from defenda.federation.client import compute_update
 from defenda.models import SmallCNN
 from defenda.params import strength_param
 from defenda_defenses.batch import LargeBatch
@@ -27,6 +27,17 @@ from defenda_defenses.quantize import Quantize
 
 ALL = (DPSGD, GaussianNoise, LaplaceNoise, Prune, Quantize, LargeBatch)
 DELTA = 1e-5
+SGD = RoundSettings()  # a FedSGD gradient at lr 0.1
+
+
+def utility_job(defense: str, params: dict, *, client_batch_size: int, rounds: int, delta: float = 0.0):  # noqa: ANN201
+    """A utility-training job on the embedded digits (FedSGD, lr 0.1)."""
+    from defenda.harness.jobs import Federation, UtilityJob
+
+    fed = Federation(rounds=rounds, client_batch_size=client_batch_size, lr=0.1, update="gradient", local_steps=1,
+                     delta=delta)
+    return UtilityJob(key="", task="digits", task_params={}, defense=defense, defense_params=params, strength=None,
+                      seed=0, federation=fed)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -168,6 +179,20 @@ def test_prune_keeps_exactly_top_k_per_layer(r: float) -> None:
         kept = p != 0
         assert torch.equal(p[kept], t[kept])
     assert out.meta["prune_fraction"] == r
+    if r == 0:
+        assert out.masks is None  # nothing dropped
+    else:  # the kept coordinates are declared, one mask per tensor
+        assert out.masks is not None and len(out.masks) == len(out.tensors)
+        for p, m in zip(out.tensors, out.masks):
+            assert m is not None and m.dtype == p.dtype and torch.equal(m, (p != 0).to(p.dtype))
+
+
+def test_later_transforms_keep_the_pruned_masks() -> None:
+    update = random_update([(8, 4), (4,)])
+    pruned = Prune(fraction=0.5).transform(update, None)
+    noisy = GaussianNoise(std=0.1).transform(pruned, gen(0))
+    assert noisy.masks is pruned.masks
+    assert Quantize(bits=4).transform(update, None).masks is None
 
 
 def test_prune_count_formula() -> None:
@@ -236,26 +261,24 @@ def test_large_batch_sets_the_client_batch_size(cnn: nn.Module) -> None:
     d = LargeBatch(batch_size=64)
     assert d.client_batch_size(4) == 64 and d.client_batch_size(128) == 64
     x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    up = d.client_update(cnn, x, y)
+    up = d.client_update(cnn, x, y, SGD)
     honest = compute_update(cnn, x, y)
     assert up.batch_size == 64 and all(torch.equal(a, b) for a, b in zip(up.tensors, honest.tensors))
 
 
 def test_large_batch_is_used_by_utility_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    from defenda.harness.utility import measure_utility
     from defenda.plugins import get_plugins
-    from defenda.utility import measure_utility
 
     seen: list[int] = []
     original = LargeBatch.client_update
 
-    def spy(self, model, x, y, **kw):  # noqa: ANN001, ANN202
+    def spy(self, model, x, y, settings, generator=None):  # noqa: ANN001, ANN202
         seen.append(len(x))
-        return original(self, model, x, y, **kw)
+        return original(self, model, x, y, settings, generator)
 
     monkeypatch.setattr(LargeBatch, "client_update", spy)
-    job = {"task": "digits", "task_params": {}, "defense": "large-batch", "defense_params": {"batch_size": 48},
-           "seed": 0, "client_batch_size": 8, "rounds": 2, "update": "gradient", "local_steps": 1, "lr": 0.1,
-           "delta": 0.0}
+    job = utility_job("large-batch", {"batch_size": 48}, client_batch_size=8, rounds=2)
     measure_utility(get_plugins(), job, torch.device("cpu"))
     assert seen == [48, 48]
 
@@ -297,7 +320,7 @@ def test_dp_sgd_gradient_equals_opacus(cnn: nn.Module, batch: tuple, sigma: floa
     x, y = batch
     d = DPSGD(noise_multiplier=sigma, max_grad_norm=clip)
     for _ in range(2):  # the second call uses the cached wrapper
-        up = d.client_update(cnn, x, y, generator=gen(7))
+        up = d.client_update(cnn, x, y, SGD, generator=gen(7))
         ref = opacus_reference(cnn, x, y, sigma=sigma, clip=clip, seed=7)
         assert up.kind == "gradient" and up.batch_size == len(x)
         assert up.names == [n for n, _ in cnn.named_parameters()]
@@ -310,7 +333,7 @@ def test_dp_sgd_gradient_equals_opacus(cnn: nn.Module, batch: tuple, sigma: floa
 
 def test_dp_sgd_without_clipping_or_noise_is_the_honest_gradient(cnn: nn.Module, batch: tuple) -> None:
     x, y = batch
-    up = DPSGD(noise_multiplier=0.0, max_grad_norm=1e6).client_update(cnn, x, y, generator=gen(0))
+    up = DPSGD(noise_multiplier=0.0, max_grad_norm=1e6).client_update(cnn, x, y, SGD, generator=gen(0))
     for a, b in zip(up.tensors, compute_update(cnn, x, y).tensors):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -318,7 +341,7 @@ def test_dp_sgd_without_clipping_or_noise_is_the_honest_gradient(cnn: nn.Module,
 def test_dp_sgd_delta_equals_opacus(cnn: nn.Module, batch: tuple) -> None:
     x, y = batch
     d = DPSGD(noise_multiplier=0.5, max_grad_norm=1.0)
-    up = d.client_update(cnn, x, y, kind="delta", local_steps=3, lr=0.05, generator=gen(11))
+    up = d.client_update(cnn, x, y, RoundSettings("delta", 3, 0.05), generator=gen(11))
     ref = opacus_reference(cnn, x, y, sigma=0.5, clip=1.0, seed=11, kind="delta", steps=3, lr=0.05)
     assert up.kind == "delta" and up.local_steps == 3 and up.meta["dp_steps"] == 3
     for a, b in zip(up.tensors, ref):
@@ -327,16 +350,16 @@ def test_dp_sgd_delta_equals_opacus(cnn: nn.Module, batch: tuple) -> None:
 
 def test_dp_sgd_follows_model_changes(cnn: nn.Module, batch: tuple) -> None:
     """The cached wrapper is re-synchronised: after the server step the update is Opacus' for the new θ."""
-    from defenda.client import apply_update
+    from defenda.federation.client import apply_update
 
     x, y = batch
     d = DPSGD(noise_multiplier=0.3)
-    apply_update(cnn, d.client_update(cnn, x, y, generator=gen(0)), 0.5)
-    up = d.client_update(cnn, x, y, generator=gen(1))
+    apply_update(cnn, d.client_update(cnn, x, y, SGD, generator=gen(0)), 0.5)
+    up = d.client_update(cnn, x, y, SGD, generator=gen(1))
     for a, b in zip(up.tensors, opacus_reference(cnn, x, y, sigma=0.3, clip=1.0, seed=1)):
         assert torch.equal(a, b)
     other = SmallCNN(1, 8, 10, channels=4)  # another architecture: a new wrapper
-    up = d.client_update(other, x, y, generator=gen(2))
+    up = d.client_update(other, x, y, SGD, generator=gen(2))
     assert [t.shape for t in up.tensors] == [p.shape for p in other.parameters()]
 
 
@@ -344,11 +367,11 @@ def test_dp_sgd_follows_model_changes(cnn: nn.Module, batch: tuple) -> None:
 def test_dp_sgd_leaves_the_model_unchanged(cnn: nn.Module, batch: tuple, kind: str) -> None:
     x, y = batch
     snap = snapshot(cnn)
-    DPSGD(noise_multiplier=1.0).client_update(cnn, x, y, kind=kind, local_steps=2, generator=gen(0))
+    DPSGD(noise_multiplier=1.0).client_update(cnn, x, y, RoundSettings(kind, local_steps=2), generator=gen(0))
     assert_unchanged(cnn, snap)
     cnn.eval()  # an eval-mode model stays in eval mode
     snap = snapshot(cnn)
-    DPSGD(noise_multiplier=1.0).client_update(cnn, x, y, kind=kind, generator=gen(0))
+    DPSGD(noise_multiplier=1.0).client_update(cnn, x, y, RoundSettings(kind), generator=gen(0))
     assert_unchanged(cnn, snap)
 
 
@@ -356,7 +379,7 @@ def test_dp_sgd_fixes_batchnorm_on_a_copy(batch: tuple) -> None:
     x, y = batch
     model = bn_model()
     snap = snapshot(model)
-    up = DPSGD(noise_multiplier=0.5).client_update(model, x, y, generator=gen(3))
+    up = DPSGD(noise_multiplier=0.5).client_update(model, x, y, SGD, generator=gen(3))
     assert "BatchNorm2d→GroupNorm" in up.meta["model_fixed"]
     assert_unchanged(model, snap)
     assert isinstance(model[1], nn.BatchNorm2d)
@@ -368,19 +391,19 @@ def test_dp_sgd_fixes_batchnorm_on_a_copy(batch: tuple) -> None:
 def test_dp_sgd_is_deterministic_per_generator(cnn: nn.Module, batch: tuple) -> None:
     x, y = batch
     d = DPSGD(noise_multiplier=1.0)
-    a, b, c = (d.client_update(cnn, x, y, generator=gen(s)).tensors for s in (5, 5, 6))
+    a, b, c = (d.client_update(cnn, x, y, SGD, generator=gen(s)).tensors for s in (5, 5, 6))
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert not all(torch.equal(u, v) for u, v in zip(a, c))
     g = gen(9)  # draws advance the generator: two rounds differ
-    r1, r2 = (d.client_update(cnn, x, y, generator=g).tensors for _ in range(2))
+    r1, r2 = (d.client_update(cnn, x, y, SGD, generator=g).tensors for _ in range(2))
     assert not torch.equal(r1[0], r2[0])
 
 
 def test_dp_sgd_noise_has_the_declared_std(cnn: nn.Module, batch: tuple) -> None:
     x, y = batch
     d = DPSGD(noise_multiplier=2.0, max_grad_norm=0.5)
-    clean = DPSGD(noise_multiplier=0.0, max_grad_norm=0.5).client_update(cnn, x, y).tensors
-    noisy = d.client_update(cnn, x, y, generator=gen(0))
+    clean = DPSGD(noise_multiplier=0.0, max_grad_norm=0.5).client_update(cnn, x, y, SGD).tensors
+    noisy = d.client_update(cnn, x, y, SGD, generator=gen(0))
     noise = torch.cat([(a - b).flatten() for a, b in zip(noisy.tensors, clean)])
     assert abs(float(noise.std()) / noisy.meta["noise_std"] - 1) < 0.05
     assert noisy.meta["noise_std"] == pytest.approx(2.0 * 0.5 / len(x))
@@ -418,7 +441,7 @@ def test_epsilon_edge_cases_and_fedavg_accounting(cnn: nn.Module, batch: tuple) 
     # FedAvg: 4 DP steps on the same batch per round = one Gaussian mechanism with σ/√4 per round
     d = DPSGD(noise_multiplier=2.0)
     x, y = batch
-    d.client_update(cnn, x, y, kind="delta", local_steps=4, generator=gen(0))
+    d.client_update(cnn, x, y, RoundSettings("delta", local_steps=4), generator=gen(0))
     acc = RDPAccountant()
     for _ in range(50):
         acc.step(noise_multiplier=1.0, sample_rate=0.05)
@@ -433,11 +456,11 @@ def test_target_epsilon_calibrates_through_opacus(cnn: nn.Module, batch: tuple, 
     x, y = batch
     d = DPSGD(target_epsilon=4.0, accountant=accountant, noise_multiplier=123.0)
     with pytest.raises(RuntimeError, match="calibrate"):
-        d.client_update(cnn, x, y)
+        d.client_update(cnn, x, y, SGD)
     sigma = d.calibrate(steps=150, sample_rate=0.025, delta=DELTA)
     assert sigma == get_noise_multiplier(target_epsilon=4.0, target_delta=DELTA, sample_rate=0.025, steps=150,
                                          accountant=accountant)
-    up = d.client_update(cnn, x, y, generator=gen(0))
+    up = d.client_update(cnn, x, y, SGD, generator=gen(0))
     assert up.meta["noise_multiplier"] == sigma and up.meta["target_epsilon"] == 4.0
     eps = d.epsilon(steps=150, sample_rate=0.025, delta=DELTA)
     assert 3.9 <= eps <= 4.0 + 1e-9
@@ -449,12 +472,11 @@ def test_target_epsilon_calibrates_through_opacus(cnn: nn.Module, batch: tuple, 
 
 
 def test_dp_sgd_utility_run_reports_epsilon() -> None:
+    from defenda.harness.utility import measure_utility
     from defenda.plugins import get_plugins
-    from defenda.utility import measure_utility
 
-    job = {"task": "digits", "task_params": {}, "defense": "dp-sgd",
-           "defense_params": {"noise_multiplier": 1.0, "accountant": "rdp"}, "seed": 0, "client_batch_size": 16,
-           "rounds": 3, "update": "gradient", "local_steps": 1, "lr": 0.1, "delta": 1e-5}
+    job = utility_job("dp-sgd", {"noise_multiplier": 1.0, "accountant": "rdp"}, client_batch_size=16, rounds=3,
+                      delta=1e-5)
     acc, eps = measure_utility(get_plugins(), job, torch.device("cpu"))
     assert 0.0 <= acc <= 1.0 and eps is not None and 0 < eps < math.inf
 
@@ -470,8 +492,8 @@ def test_every_defense_is_deterministic_and_leaves_the_model(cls: type, kind: st
     d = cls(**{info.name: cls.default_sweep[1]})
     x, y = batch
     snap = snapshot(cnn)
-    a = d.client_update(cnn, x, y, kind=kind, local_steps=2, generator=gen(0))
-    b = d.client_update(cnn, x, y, kind=kind, local_steps=2, generator=gen(0))
+    a = d.client_update(cnn, x, y, RoundSettings(kind, local_steps=2), generator=gen(0))
+    b = d.client_update(cnn, x, y, RoundSettings(kind, local_steps=2), generator=gen(0))
     assert_unchanged(cnn, snap)
     assert a.kind == kind and [t.shape for t in a.tensors] == [p.shape for p in cnn.parameters()]
     assert all(torch.equal(u, v) for u, v in zip(a.tensors, b.tensors))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from defenda.client import compute_update, weight_delta
-from defenda.interfaces import Knowledge, SharedUpdate
+from defenda import InputSpace, Knowledge, RoundSettings, SharedUpdate
+from defenda.federation.client import compute_update, weight_delta
 from defenda.inversion import (
     estimate_batch_size,
     gradient_matching_loss,
@@ -35,11 +35,8 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _knowledge(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor | None = None) -> Knowledge:
-    granted = frozenset({"labels", "batch_size"}) if labels is not None else frozenset()
-    return Knowledge(
-        input_shape=(1, 8, 8), num_classes=10, task_kind="image", mean=mean, std=std, granted=granted,
-        labels=labels, batch_size=None if labels is None else len(labels),
-    )
+    return Knowledge(space=InputSpace("image", (1, 8, 8), 10, mean, std), labels=labels,
+                     batch_size=None if labels is None else len(labels))
 
 
 def _psnr(rec: torch.Tensor, truth: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> list[float]:
@@ -153,7 +150,7 @@ def test_idlg_recovers_single_labels_exactly(digits) -> None:
         model = SmallCNN(1, 8, 10).eval()
         i = int(torch.randint(len(xs), ()))
         for kind in ("gradient", "delta"):
-            update = compute_update(model, xs[i : i + 1], ys[i : i + 1], kind=kind, local_steps=2)
+            update = compute_update(model, xs[i : i + 1], ys[i : i + 1], RoundSettings(kind=kind, local_steps=2))
             assert recover_labels(update, model, 1, 10).tolist() == [int(ys[i])]
             assert estimate_batch_size(update, model, 10) == 1
 
@@ -202,7 +199,7 @@ def test_geiping_unknown_labels_batch_and_delta(digits) -> None:
     torch.manual_seed(4)
     model = SmallCNN(1, 8, 10).eval()
     idx = torch.stack([torch.nonzero(ys == c)[0, 0] for c in (2, 5)])
-    update = compute_update(model, xs[idx], ys[idx], kind="delta", local_steps=2, lr=0.1)
+    update = compute_update(model, xs[idx], ys[idx], RoundSettings(kind="delta", local_steps=2, lr=0.1))
     rec = Geiping(iterations=150).reconstruct(update, model, _knowledge(mean, std))
     assert rec.labels.tolist() == [2, 5] and rec.inputs.shape == (2, 1, 8, 8)
     assert rec.info["batch_size"] == 2 and rec.info["labels_known"] is False
@@ -236,7 +233,7 @@ def test_geiping_masks_pruned_updates(digits) -> None:
         keep = max(1, t.numel() // 5)
         thr = t.abs().flatten().kthvalue(t.numel() - keep + 1).values
         pruned.append(torch.where(t.abs() >= thr, t, torch.zeros_like(t)))
-    update = update.replace(pruned, prune_ratio=0.8)
+    update = update.replace(pruned, masks=[(t != 0).to(t.dtype) for t in pruned], prune_ratio=0.8)
     know = _knowledge(mean, std, ys[:1])
     torch.manual_seed(0)
     masked = Geiping(iterations=200).reconstruct(update, model, know)
@@ -246,12 +243,29 @@ def test_geiping_masks_pruned_updates(digits) -> None:
     assert _psnr(masked.inputs, xs[:1], mean, std)[0] > _psnr(plain.inputs, xs[:1], mean, std)[0] + 10
 
 
+def test_geiping_masks_follow_the_declared_masks(digits) -> None:
+    """``auto`` masks exactly what the defense declared; ``always`` also masks undeclared zeros."""
+    xs, ys, mean, std = digits
+    torch.manual_seed(0)
+    model = SmallCNN(1, 8, 10).eval()
+    update = compute_update(model, xs[:1], ys[:1])
+    zeroed = update.replace([torch.where(t.abs() > t.abs().median(), t, torch.zeros_like(t)) for t in update.tensors])
+    know = _knowledge(mean, std, ys[:1])
+
+    def masked(mode: str, u: SharedUpdate) -> bool:
+        return Geiping(iterations=1, masked=mode).reconstruct(u, model, know).info["masked"]
+
+    assert not masked("auto", zeroed) and masked("always", zeroed) and not masked("never", zeroed)
+    declared = zeroed.replace(zeroed.tensors, masks=[None] * (len(zeroed.tensors) - 1) + [torch.ones(10)])
+    assert masked("auto", declared) and masked("always", declared) and not masked("never", declared)
+
+
 def test_geiping_tabular_has_no_box() -> None:
     torch.manual_seed(0)
     model = MLP(6, 3, (32,)).eval()
     x, y = 3 * torch.randn(1, 6), torch.tensor([2])
     update = compute_update(model, x, y)
-    know = Knowledge(input_shape=(6,), num_classes=3, task_kind="tabular", mean=torch.zeros(6), std=torch.ones(6))
+    know = Knowledge(space=InputSpace("tabular", (6,), 3, torch.zeros(6), torch.ones(6)))
     rec = Geiping(iterations=200).reconstruct(update, model, know)
     assert rec.labels.tolist() == [2]
     assert float((rec.inputs - x).abs().max()) < 1e-2

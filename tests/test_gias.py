@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from defenda.client import compute_update
+from defenda import Knowledge, SharedUpdate
 from defenda.data import load_digits_task
 from defenda.federation import GradientHistory
-from defenda.interfaces import Knowledge, SharedUpdate
+from defenda.federation.client import compute_update
 from defenda.metrics import apply_matching, psnr
 from defenda.models import SmallCNN
 from defenda_attacks._generators import (
@@ -49,10 +49,8 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _knowledge(data, y: torch.Tensor, cache_dir: str | None) -> Knowledge:
-    return Knowledge(input_shape=data.input_shape, num_classes=data.num_classes, task_kind="image", mean=data.mean,
-                     std=data.std, granted=frozenset({"labels", "batch_size", "public_data", "gradient_history"}),
-                     batch_size=len(y), labels=y, public=data.public, history=GradientHistory(*data.public, lr=0.1),
-                     seed=0, cache_dir=cache_dir)
+    return Knowledge(space=data.space, batch_size=len(y), labels=y, public=data.public,
+                     history=GradientHistory(*data.public, lr=0.1), seed=0, cache_dir=cache_dir)
 
 
 def _prune(update: SharedUpdate, fraction: float) -> SharedUpdate:
@@ -65,7 +63,7 @@ def _prune(update: SharedUpdate, fraction: float) -> SharedUpdate:
             idx = t.flatten().abs().topk(k).indices
             flat[idx] = t.flatten()[idx]
         out.append(flat.view_as(t))
-    return update.replace(out, prune_fraction=fraction)
+    return update.replace(out, masks=[(t != 0).to(t.dtype) for t in out], prune_fraction=fraction)
 
 
 def _trial(data, attack, seed: int, batch: int, cache_dir: str | None, prune: float = 0.0) -> float:
@@ -238,13 +236,18 @@ def test_gias_and_giml_are_registered_by_the_builtin_plugin() -> None:
 
 
 def test_gias_is_skipped_without_public_data() -> None:
+    from types import SimpleNamespace
+
+    from defenda.harness.trial import skip_reason
     from defenda.testing import make_tiny_case
-    from defenda.trial import skip_reason
+
+    def cell(*knowledge: str) -> SimpleNamespace:  # the parts of a Trial that skip_reason reads
+        return SimpleNamespace(server="honest", federation=SimpleNamespace(update="gradient"), knowledge=knowledge)
 
     case = make_tiny_case()
-    reason = skip_reason(GIAS(), {"server": "honest", "update": "gradient", "knowledge": ["batch_size"]}, case.data)
+    reason = skip_reason(GIAS(), cell("batch_size"), case.data)  # type: ignore[arg-type]
     assert reason is not None and "public_data" in reason
-    reason = skip_reason(GIML(), {"server": "honest", "update": "gradient", "knowledge": ["public_data"]}, case.data)
+    reason = skip_reason(GIML(), cell("public_data"), case.data)  # type: ignore[arg-type]
     assert reason is not None and "gradient_history" in reason
 
 
@@ -254,9 +257,7 @@ def test_giml_meta_learns_from_gradients_only(digits, monkeypatch: pytest.Monkey
     torch.manual_seed(0)
     model = SmallCNN(1, 8, 10).eval()
     update = compute_update(model, digits.train[0][:2], y)
-    knowledge = Knowledge(input_shape=digits.input_shape, num_classes=10, task_kind="image", mean=digits.mean,
-                          std=digits.std, granted=frozenset({"gradient_history"}),
-                          history=GradientHistory(*digits.public, lr=0.1))
+    knowledge = Knowledge(space=digits.space, history=GradientHistory(*digits.public, lr=0.1))
     seen: list[int] = []
     original = GradientHistory.rounds
 

@@ -1,4 +1,27 @@
-"""Inverting Gradients (Geiping et al., NeurIPS 2020): cosine gradient matching in pixel space."""
+"""Inverting Gradients (Geiping et al., NeurIPS 2020): cosine gradient matching in pixel space.
+
+Minimises ``1 − cos(∇θ L(x̂, ŷ), g) + tv·TV(x̂)`` over ``x̂`` of shape
+``(B̂, *input_shape)`` in model space, the cosine taken over all parameter
+tensors concatenated. ``x̂`` starts from ``randn``; Adam(``lr``) is fed the
+*sign* of the gradient (``signed``), the learning rate drops ×0.1 at 3/8, 5/8
+and 7/8 of ``iterations``, and after every step ``x̂`` is clamped to the
+image box (``boxed``; images only, no box for tabular data, where TV is also
+skipped). The model is used in eval mode with double backprop. Of
+``restarts`` runs, the one with the lowest final objective is returned.
+
+* Update: ``kind == "gradient"`` (FedSGD) or ``"delta"`` (FedAvg; the client's
+  ``local_steps`` SGD steps are unrolled with its learning rate: ``local_lr``,
+  else ``knowledge.lr`` when granted, else ``update.lr``).
+* Labels ``ŷ`` (``(B̂,)``): ``knowledge.labels`` when granted, else recovered
+  analytically (iDLG for B̂ = 1, bias-corrected counting for B̂ > 1).
+* Batch size B̂: ``knowledge.batch_size`` (or the number of known labels) when
+  granted, else the number of negative entries of the last-layer bias
+  gradient, at least 1 — i.e. the number of distinct labels, a lower bound.
+* Masked matching: with ``masked = "auto"`` the cosine is taken on the
+  coordinates the defense declared kept (``update.masks``: pruning, Soteria)
+  only; ``"always"`` also masks an undeclared update to its non-zero
+  coordinates; ``"never"`` compares every coordinate.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defenda import param
-from defenda.interfaces import Attack, Knowledge, Reconstruction, Requirements, SharedUpdate
+from defenda import Attack, Knowledge, Reconstruction, Requirements, SharedUpdate, param
 from defenda.inversion import (
     clamp_box,
     infer_labels,
@@ -17,42 +39,56 @@ from defenda.inversion import (
     multistep_schedule,
     on_device,
     predicted_update,
-    pruning_masks,
     total_variation,
-    use_masks,
+    update_masks,
 )
 
 
+def observed_masks(mode: str, update: SharedUpdate, observed: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
+    """The masks of masked matching (:func:`defenda.inversion.update_masks`) on the observed tensors'
+    device and dtype, or None to compare every coordinate."""
+    masks = update_masks(mode, update)
+    if masks is None:
+        return None
+    return [None if m is None else m.to(g) for m, g in zip(masks, observed)]
+
+
 class Geiping(Attack):
-    """Inverting Gradients: optimise inputs so their update has the observed direction (Geiping et al. 2020).
+    """Inverting Gradients: optimise inputs so that their update has the observed direction.
 
-    J. Geiping, H. Bauermeister, H. Dröge, M. Moeller, "Inverting Gradients — How
-    easy is it to break privacy in federated learning?", NeurIPS 2020.
+    Paper: J. Geiping, H. Bauermeister, H. Dröge, M. Moeller, "Inverting Gradients — How easy is it
+    to break privacy in federated learning?", NeurIPS 2020. <https://arxiv.org/abs/2003.14053>
 
-    Minimises ``1 − cos(∇θ L(x̂, ŷ), g) + tv·TV(x̂)`` over ``x̂`` of shape
-    ``(B̂, *input_shape)`` in model space, the cosine taken over all parameter
-    tensors concatenated. ``x̂`` starts from ``randn``; Adam(``lr``) is fed the
-    *sign* of the gradient (``signed``), the learning rate drops ×0.1 at 3/8, 5/8
-    and 7/8 of ``iterations``, and after every step ``x̂`` is clamped to the
-    image box (``boxed``; images only, no box for tabular data, where TV is also
-    skipped). The model is used in eval mode with double backprop. Of
-    ``restarts`` runs, the one with the lowest final objective is returned.
+    Threat model: honest-but-curious server; FedSGD gradients and FedAvg deltas; needs no
+    knowledge, uses ``labels``, ``batch_size`` and ``lr`` when granted; any differentiable
+    model (image and tabular tasks; the TV prior and the box apply to images only).
 
-    * ``update``: ``kind == "gradient"`` (FedSGD) or ``"delta"`` (FedAvg; the
-      client's ``local_steps`` SGD steps are unrolled with its learning rate:
-      ``local_lr``, else ``knowledge.lr`` when granted, else ``update.lr``).
-    * Labels ``ŷ`` (``(B̂,)``): ``knowledge.labels`` when granted, else recovered
-      analytically (iDLG for B̂ = 1, bias-corrected counting for B̂ > 1).
-    * Batch size B̂: ``knowledge.batch_size`` (or the number of known labels)
-      when granted, else the number of negative entries of the last-layer bias
-      gradient, at least 1 — i.e. the number of distinct labels, a lower bound.
-    * Pruned updates: with ``masked = "auto"`` the cosine is taken on the
-      observed non-zero coordinates only when ``update.meta`` says the update was
-      pruned/sparsified (a key containing "prun" or "sparsi"); ``"always"`` /
-      ``"never"`` force it.
+    Arguments:
+        iterations (int, 400): optimisation steps per restart.
+        lr (float, 0.1): Adam step size on the inputs (model space).
+        tv (float, 1e-4): weight of the anisotropic total-variation prior (images only).
+        restarts (int, 1): independent random initialisations; the lowest final objective wins.
+        signed (bool, True): feed Adam the sign of the gradient.
+        boxed (bool, True): clamp the inputs to the valid image box after every step.
+        init (str, "randn"): initialisation of the inputs: ``randn``, ``rand`` or ``zeros``.
+        cost (str, "cosine"): gradient distance: global ``cosine`` or squared ``l2`` (DLG).
+        masked (str, "auto"): compare only the kept coordinates: ``auto`` (``update.masks``),
+            ``always`` (those, else the non-zero ones) or ``never``.
+        local_lr (float | None, None): the client's learning rate for FedAvg deltas
+            (None: ``knowledge.lr``, else ``update.lr``).
 
-    Returns ``Reconstruction(inputs (B̂, *input_shape), labels (B̂,), info)`` with
-    ``info = {loss, iterations, restarts, batch_size, labels_known, masked}``.
+    Shapes:
+        update: one tensor per ``model.named_parameters()`` entry.
+        Reconstruction.inputs: ``(B̂, *input_shape)`` in model space.
+        Reconstruction.labels: ``(B̂,)`` class indices.
+        info: ``loss``, ``iterations``, ``restarts``, ``batch_size``, ``labels_known``, ``masked``.
+
+    Example::
+
+        [[attacks]]
+        name = "geiping"
+        iterations = 400
+        masked = ["never", "always"]
     """
 
     name = "geiping"
@@ -71,8 +107,8 @@ class Geiping(Attack):
         init: str = param("randn", "initialisation of the inputs", choices=("randn", "rand", "zeros"))
         cost: str = param("cosine", "gradient distance: global cosine (paper) or squared L2 (DLG)",
                           choices=("cosine", "l2"))
-        masked: str = param("auto", "compare only the observed non-zero coordinates (pruned updates)",
-                            choices=("auto", "always", "never"))
+        masked: str = param("auto", "compare only the coordinates the defense kept (update.masks); "
+                            "always: those, else the non-zero ones; never: all", choices=("auto", "always", "never"))
         local_lr: float | None = param(
             None, "client learning rate for FedAvg deltas (None: knowledge.lr, else update.lr)"
         )
@@ -97,7 +133,7 @@ class Geiping(Attack):
         observed = [t.detach().to(device=device, dtype=dtype) for t in update.tensors]
         batch_size, labels, known = infer_labels(update, model, knowledge)
         labels = labels.to(device)
-        masks = pruning_masks(observed) if use_masks(p.masked, update) else None
+        masks = observed_masks(p.masked, update, observed)
         image = knowledge.task_kind == "image" and len(knowledge.input_shape) == 3
         box = knowledge.box if (p.boxed and image) else None
         lr = p.local_lr or knowledge.lr or None

@@ -1,5 +1,35 @@
 """GIAS (Jeon et al., NeurIPS 2021): gradient inversion in a generator's latent space, then its weights.
 
+*Prior.* A DCGAN generator (:class:`~defenda_attacks._generators.DCGANGenerator`,
+sized for the task's images) trained by ordinary GAN training on the attacker's
+public split ``knowledge.public`` only (never on the clients' data), with
+DiffAugment translation because that split is small (~180 digits). It is trained
+once per (public split, generator settings) and cached as a state_dict in
+``knowledge.cache_dir/generators/`` (loaded with ``weights_only=True``; without a
+cache directory, in this process only). Training uses its own seeds and leaves
+the global RNG untouched.
+
+*Attack.* Images are ``x_k = ((G(z_k) + 1)/2 − μ)/σ`` (model space, always inside
+the image box). The objective is the shared global-cosine gradient-matching loss
+of :mod:`defenda.inversion` plus ``tv``·TV(x), as for ``geiping``:
+
+1. latent search — Adam(``latent_lr``) on the latents ``z ~ N(0, I)`` (one per
+   image) for ``latent_iterations`` steps, learning rate ×0.1 at 3/8, 5/8, 7/8;
+   of ``restarts`` runs the one with the lowest matching loss is kept;
+2. parameter search — one copy of the generator per image, all optimised jointly
+   with Adam(``lr``) for ``iterations`` steps with the latents frozen (same
+   schedule); ``iterations = 0`` gives the latent-only attack (GI-z).
+
+Each stage returns its iterate with the lowest matching loss (not the last one):
+Adam on generator weights makes the loss non-monotone at this scale, and keeping the
+best iterate is the same "best by matching loss" rule the paper applies to restarts.
+The model is used in eval mode with double backprop; the generator stays in eval
+mode (BatchNorm on its running statistics, as in the paper's DCGAN).
+
+Labels, batch size, FedAvg deltas and masked matching are handled exactly as in
+``geiping`` (known labels when granted, else analytic recovery; the cosine on the
+coordinates the defense declared kept, ``update.masks``, with ``masked = "auto"``).
+
 The search machinery here (:func:`latent_search`, :func:`parameter_search`,
 :class:`GenerativeInversion`) is shared with ``giml``, which differs only in
 where the generator comes from (see :mod:`defenda_attacks.giml`). The
@@ -19,17 +49,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from defenda import param
-from defenda.interfaces import Attack, Knowledge, Reconstruction, Requirements, SharedUpdate, TaskData
+from defenda import Attack, Knowledge, Reconstruction, Requirements, SharedUpdate, TaskData, param
 from defenda.inversion import (
     gradient_matching_loss,
     infer_labels,
     multistep_schedule,
     on_device,
     predicted_update,
-    pruning_masks,
     total_variation,
-    use_masks,
 )
 from defenda_attacks._generators import (
     DCGANGenerator,
@@ -42,6 +69,7 @@ from defenda_attacks._generators import (
     train_gan_prior,
     training_lock,
 )
+from defenda_attacks.geiping import observed_masks
 
 #: objective of a candidate batch in model space: (x, create_graph) -> (total loss, matching loss)
 Objective = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
@@ -174,8 +202,8 @@ class SearchParams:
     latent_norm: float = param(0.0, "weight of the latent penalty ‖z‖₂ in the latent search")
     cost: str = param("cosine", "gradient distance: global cosine (paper) or squared L2",
                       choices=("cosine", "l2"))
-    masked: str = param("auto", "compare only the observed non-zero coordinates (pruned updates)",
-                        choices=("auto", "always", "never"))
+    masked: str = param("auto", "compare only the coordinates the defense kept (update.masks); "
+                        "always: those, else the non-zero ones; never: all", choices=("auto", "always", "never"))
     local_lr: float | None = param(
         None, "client learning rate for FedAvg deltas (None: knowledge.lr, else update.lr)"
     )
@@ -235,7 +263,7 @@ class GenerativeInversion(Attack):
         observed = [t.detach().to(device=device, dtype=dtype) for t in update.tensors]
         batch_size, labels, known = infer_labels(update, model, knowledge)
         labels = labels.to(device)
-        masks = pruning_masks(observed) if use_masks(p.masked, update) else None
+        masks = observed_masks(p.masked, update, observed)
         lr = p.local_lr or knowledge.lr or None
         mean, std = knowledge.mean.to(device), knowledge.std.to(device)
 
@@ -280,43 +308,50 @@ class GenerativeInversion(Attack):
 class GIAS(GenerativeInversion):
     """GIAS: latent search then per-image generator-weight search, with a GAN prior trained on public data.
 
-    J. Jeon, J. Kim, K. Lee, S. Oh, J. Ok, "Gradient Inversion with Generative Image
-    Prior", NeurIPS 2021.
+    Paper: J. Jeon, J. Kim, K. Lee, S. Oh, J. Ok, "Gradient Inversion with Generative Image Prior",
+    NeurIPS 2021. <https://arxiv.org/abs/2110.14962>
 
-    *Prior.* A DCGAN generator (:class:`~defenda_attacks._generators.DCGANGenerator`,
-    sized for the task's images) trained by ordinary GAN training on the attacker's
-    public split ``knowledge.public`` only (never on the clients' data), with
-    DiffAugment translation because that split is small (~180 digits). It is trained
-    once per (public split, generator settings) and cached as a state_dict in
-    ``knowledge.cache_dir/generators/`` (loaded with ``weights_only=True``; without a
-    cache directory, in this process only). Training uses its own seeds and leaves
-    the global RNG untouched.
+    Threat model: honest-but-curious server; FedSGD gradients and FedAvg deltas; requires
+    ``public_data`` (the prior's training set), uses ``labels``, ``batch_size`` and ``lr``
+    when granted; any differentiable model on square ``(C, S, S)`` image tasks.
 
-    *Attack.* Images are ``x_k = ((G(z_k) + 1)/2 − μ)/σ`` (model space, always inside
-    the image box). The objective is the shared global-cosine gradient-matching loss
-    of :mod:`defenda.inversion` plus ``tv``·TV(x), as for ``geiping``:
+    Arguments:
+        latent_iterations (int, 400): Adam steps of the latent search (GI-z) per restart.
+        latent_lr (float, 0.1): Adam step size on the latents.
+        restarts (int, 1): latent-search restarts from fresh ``z ~ N(0, I)``; the lowest matching loss is kept.
+        iterations (int, 600): Adam steps of the parameter search (0: latent search only, GI-z).
+        lr (float, 1e-3): Adam step size on the generator copies' weights.
+        tv (float, 1e-4): weight of the anisotropic total-variation prior on the generated images.
+        latent_norm (float, 0.0): weight of the latent penalty ``‖z‖₂`` in the latent search.
+        cost (str, "cosine"): gradient distance: global ``cosine`` or squared ``l2``.
+        masked (str, "auto"): compare only the kept coordinates: ``auto`` (``update.masks``),
+            ``always`` (those, else the non-zero ones) or ``never``.
+        local_lr (float | None, None): the client's learning rate for FedAvg deltas
+            (None: ``knowledge.lr``, else ``update.lr``).
+        latent_dim (int, 32): generator latent size.
+        width (int, 32): generator width: channels of its last hidden layer (doubling per up-block).
+        prior_steps (int, 1500): GAN training steps of the prior on the public split.
+        prior_batch (int, 64): GAN training batch size.
+        prior_lr (float, 2e-3): Adam step size of the GAN training (both networks).
+        prior_shift (int, 1): DiffAugment: random translation in pixels of real and fake images.
+        prior_seed (int, 0): seed of the prior's training (fixed, so a study trains it once).
 
-    1. latent search — Adam(``latent_lr``) on the latents ``z ~ N(0, I)`` (one per
-       image) for ``latent_iterations`` steps, learning rate ×0.1 at 3/8, 5/8, 7/8;
-       of ``restarts`` runs the one with the lowest matching loss is kept;
-    2. parameter search — one copy of the generator per image, all optimised jointly
-       with Adam(``lr``) for ``iterations`` steps with the latents frozen (same
-       schedule); ``iterations = 0`` gives the latent-only attack (GI-z).
+    Shapes:
+        update: one tensor per ``model.named_parameters()`` entry.
+        Reconstruction.inputs: ``(B̂, C, S, S)`` in model space, inside the image box.
+        Reconstruction.labels: ``(B̂,)`` class indices.
+        info: ``loss`` (matching loss of the returned images), ``latent_loss``, ``latent_iterations``,
+        ``iterations``, ``restarts``, ``batch_size``, ``labels_known``, ``masked``, ``prior`` (cache key),
+        ``prior_cached``, ``prior_seconds``, ``prior_source = "public_data"``.
 
-    Each stage returns its iterate with the lowest matching loss (not the last one):
-    Adam on generator weights makes the loss non-monotone at this scale, and keeping the
-    best iterate is the same "best by matching loss" rule the paper applies to restarts.
-    The model is used in eval mode with double backprop; the generator stays in eval
-    mode (BatchNorm on its running statistics, as in the paper's DCGAN).
+    Example::
 
-    Labels, batch size, FedAvg deltas and pruned updates are handled exactly as in
-    ``geiping`` (known labels when granted, else analytic recovery; the cosine on the
-    observed non-zero coordinates when ``update.meta`` says the update was pruned).
+        [study]
+        knowledge = ["public_data"]
 
-    Requires ``knowledge = ["public_data"]`` and square image tasks. ``info`` holds
-    ``loss`` (matching loss of the returned images), ``latent_loss``, iteration counts, ``batch_size``,
-    ``labels_known``, ``masked``, ``prior`` (cache key), ``prior_cached``,
-    ``prior_seconds`` and ``prior_source = "public_data"`` (the prior saw public images).
+        [[attacks]]
+        name = "gias"
+        iterations = [0, 600]   # GI-z, then GIAS proper
     """
 
     name = "gias"

@@ -13,6 +13,25 @@ Two clearly separated parts:
   round's images) reconstructs the round's images from their gradients (labels by
   iDLG, i.e. also from the gradients); a Reptile meta-update (one Adam step on
   ``Σ‖θ' − θ‖²``) moves the generator toward the adapted copy. It sees gradients only.
+
+*Prior.* Starting from an untrained DCGAN generator (PyTorch default init, seeded
+with ``meta_seed``), GIML observes ``meta_rounds`` earlier FL rounds of the
+federation (``knowledge.history``): in every round ``round_images`` other clients
+share the gradient of one image each, and the global model drifts by the server's SGD
+step. For each round the inner adaptation runs ``inner_latent_iterations`` of latent
+search at ``inner_latent_lr`` with the penalty ``inner_latent_norm·‖z‖₂``, then
+``inner_iterations`` of parameter search of one generator copy at ``inner_lr`` (labels
+by iDLG), and the Reptile meta-update moves the generator toward the adapted copy
+(``meta_optimizer``: SGD ``θ ← θ + meta_lr·(θ' − θ)``, or the paper's Adam on
+``½Σ‖θ' − θ‖²``). The federation's initial global model is the victim's architecture
+re-initialised with ``meta_seed`` (the server chose it). The meta-learned generator is
+checkpointed every ``checkpoint_every`` rounds in ``knowledge.cache_dir/generators/``
+(state_dicts, loaded with ``weights_only=True``) and reused by later trials; more rounds
+resume from the latest checkpoint.
+
+*Attack.* GIAS with that generator (:mod:`defenda_attacks.gias`): latent search then
+per-image parameter search, the same parameters and behaviour as ``gias``.
+``meta_rounds = 0`` is GIAS with the untrained generator.
 """
 
 from __future__ import annotations
@@ -26,9 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from defenda import param
+from defenda import Knowledge, Requirements, SharedUpdate, param
 from defenda.federation import GradientHistory, ObservedRound
-from defenda.interfaces import Knowledge, Requirements, SharedUpdate
 from defenda.inversion import (
     gradient_matching_loss,
     predicted_update,
@@ -37,6 +55,7 @@ from defenda.inversion import (
 )
 from defenda_attacks._generators import (
     _MEMO,
+    CheckpointError,
     DCGANGenerator,
     build_generator,
     cache_key,
@@ -240,8 +259,6 @@ def _detach(obj: Any) -> Any:
 
 def _restore(state: dict[str, Any], generator: nn.Module, opt: torch.optim.Optimizer, fl_model: nn.Module,
              where: Any) -> None:
-    from defenda_attacks._generators import CheckpointError
-
     try:
         load_generator_state(generator, state["generator"], where)
         opt.load_state_dict(state["meta_opt"])
@@ -258,31 +275,58 @@ def _restore(state: dict[str, Any], generator: nn.Module, opt: torch.optim.Optim
 class GIML(GenerativeInversion):
     """GIML: GIAS with a generator meta-learned from other clients' gradients only (no image prior).
 
-    J. Jeon, J. Kim, K. Lee, S. Oh, J. Ok, "Gradient Inversion with Generative Image
-    Prior", NeurIPS 2021, §4 (GIML).
+    Paper: J. Jeon, J. Kim, K. Lee, S. Oh, J. Ok, "Gradient Inversion with Generative Image Prior",
+    NeurIPS 2021, §4 (GIML). <https://arxiv.org/abs/2110.14962>
 
-    *Prior.* Starting from an untrained DCGAN generator (PyTorch default init, seeded
-    with ``meta_seed``), GIML observes ``meta_rounds`` earlier FL rounds of the
-    federation (``knowledge.history``, a :class:`defenda.federation.GradientHistory`):
-    in every round ``round_images`` other clients share the gradient of one image each,
-    and the global model drifts by the server's SGD step. For each round a GIAS-style
-    inner adaptation reconstructs the round's images from their gradients (latent search,
-    ``inner_latent_iterations`` at ``inner_latent_lr`` with the penalty
-    ``inner_latent_norm·‖z‖₂``, then ``inner_iterations`` of parameter search of one
-    generator copy at ``inner_lr``; labels by iDLG), and a Reptile meta-update moves the
-    generator toward the adapted copy (``meta_optimizer``: SGD ``θ ← θ + meta_lr·(θ' − θ)``,
-    or the paper's Adam on ``½Σ‖θ' − θ‖²``). The meta-learner sees gradients only, so the
-    attack needs ``knowledge = ["gradient_history"]`` and never ``public_data``. The
-    federation's initial global model is the victim's architecture re-initialised with
-    ``meta_seed`` (the server chose it). The meta-learned generator is checkpointed every
-    ``checkpoint_every`` rounds in ``knowledge.cache_dir/generators/`` (state_dicts, loaded
-    with ``weights_only=True``) and reused by later trials; more rounds resume from the
-    latest checkpoint.
+    Threat model: honest-but-curious server that recorded earlier rounds; FedSGD gradients and
+    FedAvg deltas; requires ``gradient_history`` (other clients' gradients, never images; no
+    ``public_data``), uses ``labels``, ``batch_size`` and ``lr`` when granted; any
+    differentiable model on square ``(C, S, S)`` image tasks.
 
-    *Attack.* GIAS with that generator: latent search then per-image parameter search,
-    the same parameters and behaviour as ``gias``. ``meta_rounds = 0`` is GIAS with the
-    untrained generator. ``info`` adds ``giml_rounds``, ``giml_resumed_from`` and
-    ``prior_source = "gradients"`` (the prior never saw an image).
+    Arguments:
+        latent_iterations (int, 400): Adam steps of the latent search (GI-z) per restart.
+        latent_lr (float, 0.1): Adam step size on the latents.
+        restarts (int, 1): latent-search restarts from fresh ``z ~ N(0, I)``; the lowest matching loss is kept.
+        iterations (int, 600): Adam steps of the parameter search (0: latent search only, GI-z).
+        lr (float, 1e-3): Adam step size on the generator copies' weights.
+        tv (float, 1e-4): weight of the anisotropic total-variation prior on the generated images.
+        latent_norm (float, 0.0): weight of the latent penalty ``‖z‖₂`` in the latent search.
+        cost (str, "cosine"): gradient distance: global ``cosine`` or squared ``l2``.
+        masked (str, "auto"): compare only the kept coordinates: ``auto`` (``update.masks``),
+            ``always`` (those, else the non-zero ones) or ``never``.
+        local_lr (float | None, None): the client's learning rate for FedAvg deltas
+            (None: ``knowledge.lr``, else ``update.lr``).
+        latent_dim (int, 32): generator latent size.
+        width (int, 32): generator width: channels of its last hidden layer (doubling per up-block).
+        meta_rounds (int, 40): observed FL rounds GIML meta-learns from (0: untrained generator).
+        round_images (int, 4): clients per observed round, each sharing the gradient of one image.
+        inner_latent_iterations (int, 200): inner adaptation: latent-search steps per round.
+        inner_latent_lr (float, 0.03): inner adaptation: Adam step size on the latents.
+        inner_latent_norm (float, 1e-3): inner adaptation: weight of ``‖z‖₂``.
+        inner_iterations (int, 100): inner adaptation: parameter-search steps on the shared copy per round.
+        inner_lr (float, 1e-3): inner adaptation: Adam step size on the copy's weights.
+        inner_tv (float, 1e-4): inner adaptation: TV weight.
+        meta_lr (float, 0.5): Reptile meta step size (ε of ``θ ← θ + ε(θ' − θ)`` for sgd; Adam's for adam).
+        meta_optimizer (str, "sgd"): Reptile meta step: ``adam`` on ``½Σ‖θ' − θ‖²`` (paper) or ``sgd``.
+        checkpoint_every (int, 10): save a meta-training checkpoint every this many rounds.
+        meta_seed (int, 0): seed of the untrained generator, the federation's initial model and the inner searches.
+
+    Shapes:
+        update: one tensor per ``model.named_parameters()`` entry.
+        Reconstruction.inputs: ``(B̂, C, S, S)`` in model space, inside the image box.
+        Reconstruction.labels: ``(B̂,)`` class indices.
+        info: as ``gias`` (``loss``, ``latent_loss``, …, ``prior``, ``prior_cached``, ``prior_seconds``),
+        plus ``giml_rounds``, ``giml_resumed_from``, ``giml_inner_loss_last`` (when meta-trained now) and
+        ``prior_source = "gradients"`` (the prior never saw an image).
+
+    Example::
+
+        [study]
+        knowledge = ["gradient_history"]
+
+        [[attacks]]
+        name = "giml"
+        meta_rounds = [0, 40]   # untrained vs meta-learned generator
     """
 
     name = "giml"

@@ -21,12 +21,29 @@ from dataclasses import dataclass
 
 import torch
 
-from defenda import param
-from defenda.interfaces import Defense, SharedUpdate
+from defenda import Defense, SharedUpdate, param
 
 
 class LargeBatch(Defense):
-    """The client trains on a larger batch; the update averages all of it (DLG, Zhu et al. 2019)."""
+    """Large batch: the client trains on a larger batch, so the update averages all of it.
+
+    Paper: L. Zhu, Z. Liu, S. Han, "Deep Leakage from Gradients", NeurIPS 2019.
+    <https://arxiv.org/abs/1906.08935>
+
+    Acts on: the client's batch size (client-side): the honest update (FedSGD gradient or
+    FedAvg delta) is computed on ``batch_size`` samples instead of the study's batch size,
+    for the attacked update and for utility training; the attacker is scored on the whole
+    batch. The server is told ``meta["client_batch_size"]`` (and ``update.batch_size``).
+
+    Arguments:
+        batch_size (int, 64): the client's batch size (replaces the study's batch size); the strength, larger is stronger.
+
+    Example::
+
+        [[defenses]]
+        name = "large-batch"
+        batch_size = [4, 16, 64]
+    """
 
     name = "large-batch"
     default_sweep = (4, 16, 64, 256)

@@ -79,8 +79,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from defenda import param
-from defenda.interfaces import Defense, SharedUpdate, UpdateKind
+from defenda import Defense, RoundSettings, SharedUpdate, param
 
 if TYPE_CHECKING:
     from torch import nn
@@ -161,7 +160,35 @@ def epsilon_from_accountant(noise_multiplier: float, sample_rate: float, steps: 
 
 
 class DPSGD(Defense):
-    """DP-SGD (Abadi et al. 2016) through Opacus (Yousefpour et al. 2021): per-sample clipping + Gaussian noise."""
+    """DP-SGD through Opacus: per-sample gradient clipping and Gaussian noise in the client's SGD.
+
+    Paper: M. Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, as implemented by
+    Opacus (A. Yousefpour et al., "Opacus: User-Friendly Differential Privacy Library in PyTorch",
+    2021). <https://arxiv.org/abs/1607.00133>
+
+    Acts on: how the client computes its update (client-side): per-sample gradients are
+    clipped to ``max_grad_norm``, summed, noised with N(0, (σ·C)²) and averaged by Opacus'
+    ``DPOptimizer`` on a private copy of the model; the server sees the noised FedSGD gradient
+    or the FedAvg delta after ``local_steps`` DP-SGD steps. It is told ``noise_multiplier``,
+    ``max_grad_norm``, ``noise_std``, ``dp_steps``, ``accountant``, ``secure_mode`` (and
+    ``target_epsilon``, ``calibration``, ``model_fixed`` when they apply) in ``meta``;
+    :meth:`epsilon` reports ε of the utility training.
+
+    Arguments:
+        noise_multiplier (float, 1.0): σ, the noise std in units of ``max_grad_norm``; the strength,
+            larger is stronger (ignored when ``target_epsilon > 0``).
+        max_grad_norm (float, 1.0): C, the per-sample gradient L2 clipping bound.
+        accountant (str, "rdp"): Opacus accountant for ε: ``rdp`` (Rényi DP) or ``prv``.
+        target_epsilon (float, 0.0): calibrate σ to reach this ε after the utility training (0 = off).
+        secure_mode (bool, False): Opacus' secure noise sampling.
+
+    Example::
+
+        from defenda import RoundSettings
+        dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0)
+        update = dp.client_update(model, x, y, RoundSettings("delta", local_steps=2), generator=gen)
+        eps = dp.epsilon(steps=100, sample_rate=0.02, delta=1e-5)
+    """
 
     name = "dp-sgd"
     default_sweep = (0.01, 0.1, 0.5, 1.0, 2.0)
@@ -301,67 +328,42 @@ class DPSGD(Defense):
         self._wrapped[model] = entry
         return entry
 
-    def client_update(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        kind: UpdateKind = "gradient",
-        local_steps: int = 1,
-        lr: float = 0.1,
-        generator: torch.Generator | None = None,
-    ) -> SharedUpdate:
+    def client_update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: RoundSettings,
+                      generator: torch.Generator | None = None) -> SharedUpdate:
         from opacus.optimizers import DPOptimizer
 
-        from defenda.client import loss_fn
-
-        if kind not in ("gradient", "delta"):
-            raise ValueError(f"unknown update kind {kind!r}; use 'gradient' or 'delta'")
         if len(x) == 0:
             raise ValueError("dp-sgd: empty batch")
-        steps = max(1, int(local_steps)) if kind == "delta" else 1
+        kind, lr = settings.kind, settings.lr
+        steps = settings.local_steps if kind == "delta" else 1
         self._steps_per_round = steps
         sigma = self.noise_multiplier
         clip = self.params.max_grad_norm
         entry = self._wrap(model)
         originals = list(model.parameters())
-        with torch.no_grad():
-            for lp, p in zip(entry.params, originals):
-                lp.copy_(p)
-            local_buffers = dict(entry.local.named_buffers())
-            for n, b in model.named_buffers():
-                if n in local_buffers:
-                    local_buffers[n].copy_(b)
+        _copy_state(model, entry)
         trainable = [p for p in entry.params if p.requires_grad]
         device = entry.params[0].device if entry.params else torch.device("cpu")
         opt = DPOptimizer(torch.optim.SGD(trainable, lr=lr), noise_multiplier=sigma, max_grad_norm=clip,
                           expected_batch_size=len(x), loss_reduction="mean",
                           generator=_noise_generator(generator, device), secure_mode=self.params.secure_mode)
         try:
-            with torch.enable_grad(), warnings.catch_warnings():
-                # the inputs do not require grad: torch warns about Opacus' full backward hooks
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                for _ in range(steps):
-                    opt.zero_grad(set_to_none=True)
-                    loss_fn(entry.gsm(x), y).backward()
-                    if kind == "gradient":
-                        opt.pre_step()  # clip, accumulate, noise, scale: p.grad is what is shared
-                    else:
-                        opt.step()
-            if kind == "gradient":
-                tensors = [lp.grad.detach().clone() if lp.grad is not None else torch.zeros_like(lp)
-                           for lp in entry.params]
-            else:
-                tensors = [(lp.detach() - p.detach()).clone() for lp, p in zip(entry.params, originals)]
+            tensors = _dp_steps(entry, opt, x, y, kind, steps, originals)
         except BaseException:
             self._wrapped.pop(model, None)  # never reuse a copy left in an unknown state
             raise
         finally:
             opt.zero_grad(set_to_none=True)  # drop per-sample gradients
+        names = [n for n, _ in model.named_parameters()]
+        return SharedUpdate(tensors=tensors, names=names, kind=kind, batch_size=len(x),
+                            local_steps=steps if kind == "delta" else 1, lr=lr,
+                            meta=self._meta(sigma, clip, len(x), steps, entry))
+
+    def _meta(self, sigma: float, clip: float, batch_size: int, steps: int, entry: _Wrapped) -> dict[str, Any]:
+        """What the server is told about the mechanism that produced the update."""
         meta: dict[str, Any] = {
             "noise_multiplier": sigma, "max_grad_norm": clip,
-            "noise_std": sigma * clip / len(x),  # per-coordinate std of the noise in one averaged gradient
+            "noise_std": sigma * clip / batch_size,  # per-coordinate std of the noise in one averaged gradient
             "dp_steps": steps, "accountant": self.params.accountant, "secure_mode": self.params.secure_mode,
         }
         if self.params.target_epsilon > 0:
@@ -369,9 +371,38 @@ class DPSGD(Defense):
             meta["calibration"] = dict(self._calibration or {})
         if entry.fixed:
             meta["model_fixed"] = entry.fixed
-        names = [n for n, _ in model.named_parameters()]
-        return SharedUpdate(tensors=tensors, names=names, kind=kind, batch_size=len(x),
-                            local_steps=steps if kind == "delta" else 1, lr=lr, meta=meta)
+        return meta
+
+
+def _copy_state(model: nn.Module, entry: _Wrapped) -> None:
+    """Copy the caller's parameters and buffers into the private wrapped copy."""
+    with torch.no_grad():
+        for lp, p in zip(entry.params, model.parameters()):
+            lp.copy_(p)
+        local_buffers = dict(entry.local.named_buffers())
+        for n, b in model.named_buffers():
+            if n in local_buffers:
+                local_buffers[n].copy_(b)
+
+
+def _dp_steps(entry: _Wrapped, opt: Any, x: torch.Tensor, y: torch.Tensor, kind: str, steps: int,
+              originals: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run the client's DP-SGD steps on the wrapped copy; the shared tensors (noised gradient or delta)."""
+    from defenda.federation.client import loss_fn
+
+    with torch.enable_grad(), warnings.catch_warnings():
+        # the inputs do not require grad: torch warns about Opacus' full backward hooks
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(entry.gsm(x), y).backward()
+            if kind == "gradient":
+                opt.pre_step()  # clip, accumulate, noise, scale: p.grad is what is shared
+            else:
+                opt.step()
+    if kind == "gradient":
+        return [lp.grad.detach().clone() if lp.grad is not None else torch.zeros_like(lp) for lp in entry.params]
+    return [(lp.detach() - p.detach()).clone() for lp, p in zip(entry.params, originals)]
 
 
 def _check_accounting(steps: int, sample_rate: float, delta: float) -> None:

@@ -25,8 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from defenda import param
-from defenda.interfaces import Defense, SharedUpdate
+from defenda import Defense, SharedUpdate, param
 
 
 def clip_update(tensors: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
@@ -86,7 +85,26 @@ class _AdditiveNoise(Defense):
 
 
 class GaussianNoise(_AdditiveNoise):
-    """Gaussian noise N(0, std²) added to every coordinate of the shared update (DLG, Zhu et al. 2019)."""
+    """Gaussian noise N(0, std²) added to every coordinate of the shared update.
+
+    Paper: L. Zhu, Z. Liu, S. Han, "Deep Leakage from Gradients", NeurIPS 2019, §5.
+    <https://arxiv.org/abs/1906.08935>
+
+    Acts on: the update after the client computed it: the whole update is clipped to L2 norm
+    ``clip`` (when > 0), then i.i.d. noise of absolute scale ``std`` is added to every
+    coordinate (no per-sample clipping, no formal guarantee). The server is told ``noise``,
+    ``noise_scale``, ``noise_std`` and ``clip`` in ``meta``.
+
+    Arguments:
+        std (float, 0.0): standard deviation of the noise on every coordinate; the strength, larger is stronger.
+        clip (float, 0.0): clip the whole update to this L2 norm before adding noise (0 = no clipping).
+
+    Example::
+
+        [[defenses]]
+        name = "gaussian-noise"
+        std = [1e-3, 1e-2, 1e-1]
+    """
 
     name = "gaussian-noise"
     Params = NoiseParams
@@ -99,11 +117,26 @@ class GaussianNoise(_AdditiveNoise):
 
 
 class LaplaceNoise(_AdditiveNoise):
-    """Laplace noise of scale b (std b·√2) added to every coordinate of the shared update (DLG, Zhu et al. 2019).
+    """Laplace noise of scale b (std b·√2) added to every coordinate of the shared update.
 
-    The strength ``scale`` is the Laplace scale b, as in breaching's Laplacian
-    ``gradient_noise``; compare it with ``gaussian-noise`` through the recorded
-    ``noise_std``.
+    Paper: L. Zhu, Z. Liu, S. Han, "Deep Leakage from Gradients", NeurIPS 2019, §5.
+    <https://arxiv.org/abs/1906.08935>
+
+    Acts on: the update after the client computed it: the whole update is clipped to L2 norm
+    ``clip`` (when > 0), then i.i.d. Laplace(0, ``scale``) noise is added to every coordinate
+    (``scale`` is the Laplace scale b, as in breaching's Laplacian ``gradient_noise``; compare
+    it with ``gaussian-noise`` through the recorded ``noise_std``). The server is told
+    ``noise``, ``noise_scale``, ``noise_std`` and ``clip`` in ``meta``.
+
+    Arguments:
+        scale (float, 0.0): Laplace scale b of the noise on every coordinate; the strength, larger is stronger.
+        clip (float, 0.0): clip the whole update to this L2 norm before adding noise (0 = no clipping).
+
+    Example::
+
+        [[defenses]]
+        name = "laplace-noise"
+        scale = [1e-3, 1e-2, 1e-1]
     """
 
     name = "laplace-noise"

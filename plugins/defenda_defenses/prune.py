@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from defenda import param
-from defenda.interfaces import Defense, SharedUpdate
+from defenda import Defense, SharedUpdate, param
 
 
 def kept_count(numel: int, fraction: float) -> int:
@@ -39,7 +38,25 @@ def top_k(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class Prune(Defense):
-    """Per-layer top-k magnitude pruning of the update (DLG, Zhu et al. 2019; GIAS, Jeon et al. 2021)."""
+    """Per-layer top-k magnitude pruning: only the largest entries of every tensor are shared.
+
+    Paper: L. Zhu, Z. Liu, S. Han, "Deep Leakage from Gradients", NeurIPS 2019, §5 (gradient
+    pruning; in the form of the GIAS scripts, Jeon et al. 2021). <https://arxiv.org/abs/1906.08935>
+
+    Acts on: the update after the client computed it: in every tensor all but the
+    ``⌊(1 − fraction)·numel⌋`` largest-magnitude entries are set to zero. The server is told
+    the kept coordinates (``update.masks``, when ``fraction > 0``) and ``prune_fraction``,
+    ``kept_fraction`` in ``meta``.
+
+    Arguments:
+        fraction (float, 0.0): fraction r of each tensor's entries set to zero; the strength, larger is stronger.
+
+    Example::
+
+        [[defenses]]
+        name = "prune"
+        fraction = [0.5, 0.9, 0.99]
+    """
 
     name = "prune"
     default_sweep = (0.5, 0.8, 0.9, 0.95, 0.99)
@@ -58,4 +75,6 @@ class Prune(Defense):
         pruned = [top_k(t, kept_count(t.numel(), r)) for t in update.tensors]
         kept = sum(kept_count(t.numel(), r) for t in update.tensors)
         total = sum(t.numel() for t in update.tensors)
-        return update.replace(pruned, prune_fraction=r, kept_fraction=kept / max(1, total))
+        # the kept coordinates, declared for masked matching; fraction 0 drops nothing
+        masks = [(t != 0).to(t.dtype) for t in pruned] if r > 0 else None
+        return update.replace(pruned, masks=masks, prune_fraction=r, kept_fraction=kept / max(1, total))

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from defenda import param
-from defenda.interfaces import Defense, SharedUpdate
+from defenda import Defense, SharedUpdate, param
 
 MAX_BITS = 32
 
@@ -70,7 +69,26 @@ def quantize_tensor(t: torch.Tensor, bits: int, stochastic: bool, generator: tor
 
 
 class Quantize(Defense):
-    """Uniform k-bit quantization of the update with a per-tensor scale; 1 bit = scaled sign (QSGD, signSGD)."""
+    """Uniform k-bit quantization of the update with a per-tensor scale; 1 bit is the scaled sign.
+
+    Paper: D. Alistarh et al., "QSGD: Communication-Efficient SGD via Gradient Quantization and
+    Encoding", NeurIPS 2017. <https://arxiv.org/abs/1610.02132>
+
+    Acts on: the update after the client computed it: every tensor is quantized on its own
+    to at most ``2^bits`` levels (symmetric, scale ``max|g|``; 1 bit: ``±mean|g|``), rounding
+    to the nearest level or stochastically (unbiased). The server is told ``quant_bits`` and
+    ``quant_rounding`` in ``meta``.
+
+    Arguments:
+        bits (int, 8): bits per entry, 1 … 32; the strength, fewer is stronger.
+        rounding (str, "deterministic"): ``deterministic`` (nearest level) or ``stochastic`` (unbiased).
+
+    Example::
+
+        [[defenses]]
+        name = "quantize"
+        bits = [8, 4, 2, 1]
+    """
 
     name = "quantize"
     default_sweep = (8, 4, 2, 1)
