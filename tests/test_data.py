@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from defenda import TaskData
 from defenda import data as D
 from defenda.errors import DataError, ParamError
-from defenda.interfaces import TaskData
 
 torch.set_num_threads(1)
 
@@ -276,6 +276,33 @@ def test_registered_tasks_and_params() -> None:
         by_name["digits"](test_fraction=0.9, public_fraction=0.2)
     with pytest.raises(ParamError, match="must be one of"):
         by_name["breast-cancer"](model="cnn")
+
+
+def test_task_params_share_one_base_and_keep_their_defaults() -> None:
+    """Trial keys hash the task parameters: their names and defaults must not move."""
+    import dataclasses
+
+    import defenda_tasks
+    from defenda_tasks._common import TaskParams
+
+    model = {"model": "cnn", "widths": (200,), "act": "relu", "norm": "group"}
+    split = {"public_fraction": 0.1, "split_seed": 0, "max_samples": None}
+    expected = {
+        "digits": {**model, "test_fraction": 0.2, **split},
+        "breast-cancer": {"model": "mlp", "widths": (200,), "act": "relu", "test_fraction": 0.2, **split},
+        "cifar10": {"root": "data", **model, **split},
+        "mnist": {"root": "data", **model, **split},
+        "imagefolder": {"root": "data/images", "image_size": 32, **model, "test_fraction": 0.2, **split},
+    }
+    registered: list[type] = []
+    defenda_tasks.defenda_register_tasks(registered.append)
+    for cls in registered:
+        assert issubclass(cls.Params, TaskParams), cls.name
+        assert dataclasses.asdict(cls.Params()) == expected[cls.name], cls.name
+    with pytest.raises(ParamError, match="public_fraction"):
+        registered[2](public_fraction=1.0)  # cifar10: no test_fraction, the split is still checked
+    with pytest.raises(ParamError, match="image_size"):
+        registered[4](image_size=0)
 
 
 def test_task_load_caches_and_builds_models(tmp_path: Path) -> None:

@@ -1,24 +1,24 @@
-"""Shared pieces of the built-in tasks: parameter declarations and the caching base class.
+"""Shared pieces of the built-in tasks: the parameters every task declares and the caching base class.
 
-Import-light on purpose: torch, scikit-learn and torchvision are imported inside
-methods. (``defenda.interfaces`` itself imports torch; the package's
-``__init__`` imports this module only when its hook is called.)
+The data loaders (scikit-learn, torchvision) are imported inside methods; the
+package's ``__init__`` imports this module only when its hook is called.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from defenda import param
-from defenda.interfaces import Task
+from defenda import Task, param
+from defenda.models import ACTIVATIONS as _MODEL_ACTIVATIONS
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from defenda.interfaces import TaskData
+    from defenda import TaskData
 
-#: Mirrors ``defenda.models.ACTIVATIONS`` (kept literal so declaring Params needs no torch).
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu", "gelu")
+#: The activations ``defenda.models.build_model`` knows (the choices of ``act``).
+ACTIVATIONS = tuple(_MODEL_ACTIVATIONS)
 IMAGE_MODELS = ("mlp", "cnn", "resnet18")
 
 
@@ -26,33 +26,8 @@ def model_param(default: str, choices: tuple[str, ...] = IMAGE_MODELS) -> Any:
     return param(default, "model family: " + ", ".join(choices), choices=choices)
 
 
-def widths_param(default: tuple[int, ...] = (200,)) -> Any:
-    return param(default, "hidden-layer widths of the mlp model")
-
-
-def act_param() -> Any:
-    return param("relu", "activation function of the mlp and cnn models", choices=ACTIVATIONS)
-
-
-def norm_param() -> Any:
-    return param("group", "normalisation layers of resnet18: group (Opacus-compatible) or batch",
-                 choices=("group", "batch"))
-
-
 def test_fraction_param(default: float = 0.2) -> Any:
     return param(default, "fraction of the data held out as the test split (utility)")
-
-
-def public_fraction_param(default: float = 0.1) -> Any:
-    return param(default, "fraction of the data given to the attacker as its public sample (disjoint from train/test)")
-
-
-def split_seed_param() -> Any:
-    return param(0, "seed of the deterministic train/test/public split and of max_samples' subsample")
-
-
-def max_samples_param() -> Any:
-    return param(None, "read at most this many samples from each source split (default: all)")
 
 
 def check_split(test_fraction: float, public_fraction: float, max_samples: int | None) -> None:
@@ -66,11 +41,40 @@ def check_split(test_fraction: float, public_fraction: float, max_samples: int |
         raise ValueError(f"max_samples must be at least 1, got {max_samples}")
 
 
+@dataclass(frozen=True)
+class TaskParams:
+    """The parameters of every built-in task: the model family and the train/test/public split.
+
+    A task's ``Params`` subclasses this (or :class:`ImageTaskParams`) and declares only its
+    own fields; a task with a ``test_fraction`` field has it validated with the split, one
+    without (an official test split) holds out nothing from its train source.
+    """
+
+    model: str = model_param("cnn")
+    widths: tuple[int, ...] = param((200,), "hidden-layer widths of the mlp model")
+    act: str = param("relu", "activation function of the mlp and cnn models", choices=ACTIVATIONS)
+    public_fraction: float = param(
+        0.1, "fraction of the data given to the attacker as its public sample (disjoint from train/test)")
+    split_seed: int = param(0, "seed of the deterministic train/test/public split and of max_samples' subsample")
+    max_samples: int | None = param(None, "read at most this many samples from each source split (default: all)")
+
+    def __post_init__(self) -> None:
+        check_split(getattr(self, "test_fraction", 0.0), self.public_fraction, self.max_samples)
+
+
+@dataclass(frozen=True)
+class ImageTaskParams(TaskParams):
+    """:class:`TaskParams` of an image task: adds the normalisation layers of resnet18."""
+
+    norm: str = param("group", "normalisation layers of resnet18: group (Opacus-compatible) or batch",
+                      choices=("group", "batch"))
+
+
 class CachedTask(Task):
     """A task that loads once per instance and builds its model with :func:`defenda.models.build_model`.
 
-    Subclasses implement :meth:`_load`; their ``Params`` declare ``model``,
-    ``widths`` and ``act`` (and ``norm`` for image tasks).
+    Subclasses implement :meth:`_load`; their ``Params`` subclass :class:`TaskParams`
+    (``model``, ``widths``, ``act``) or :class:`ImageTaskParams` (and ``norm``).
     """
 
     _data: TaskData | None = None

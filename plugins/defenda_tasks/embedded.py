@@ -5,21 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from defenda_tasks._common import (
-    CachedTask,
-    act_param,
-    check_split,
-    max_samples_param,
-    model_param,
-    norm_param,
-    public_fraction_param,
-    split_seed_param,
-    test_fraction_param,
-    widths_param,
-)
+from defenda_tasks._common import CachedTask, ImageTaskParams, TaskParams, model_param, test_fraction_param
 
 if TYPE_CHECKING:
-    from defenda.interfaces import TaskData
+    from defenda import TaskData
 
 
 class DigitsTask(CachedTask):
@@ -28,18 +17,8 @@ class DigitsTask(CachedTask):
     name = "digits"
 
     @dataclass(frozen=True)
-    class Params:
-        model: str = model_param("cnn")
-        widths: tuple[int, ...] = widths_param()
-        act: str = act_param()
-        norm: str = norm_param()
+    class Params(ImageTaskParams):
         test_fraction: float = test_fraction_param()
-        public_fraction: float = public_fraction_param()
-        split_seed: int = split_seed_param()
-        max_samples: int | None = max_samples_param()
-
-        def __post_init__(self) -> None:
-            check_split(self.test_fraction, self.public_fraction, self.max_samples)
 
     def _load(self) -> TaskData:
         from defenda.data import load_digits_task
@@ -55,17 +34,9 @@ class BreastCancerTask(CachedTask):
     name = "breast-cancer"
 
     @dataclass(frozen=True)
-    class Params:
+    class Params(TaskParams):
         model: str = model_param("mlp", choices=("mlp",))
-        widths: tuple[int, ...] = widths_param((200,))
-        act: str = act_param()
         test_fraction: float = test_fraction_param()
-        public_fraction: float = public_fraction_param()
-        split_seed: int = split_seed_param()
-        max_samples: int | None = max_samples_param()
-
-        def __post_init__(self) -> None:
-            check_split(self.test_fraction, self.public_fraction, self.max_samples)
 
     def _load(self) -> TaskData:
         from defenda.data import load_breast_cancer_task

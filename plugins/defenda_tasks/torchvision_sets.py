@@ -6,21 +6,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from defenda import param
-from defenda_tasks._common import (
-    CachedTask,
-    act_param,
-    check_split,
-    max_samples_param,
-    model_param,
-    norm_param,
-    public_fraction_param,
-    split_seed_param,
-    test_fraction_param,
-    widths_param,
-)
+from defenda_tasks._common import CachedTask, ImageTaskParams, test_fraction_param
 
 if TYPE_CHECKING:
-    from defenda.interfaces import TaskData
+    from defenda import TaskData
 
 
 class Cifar10Task(CachedTask):
@@ -29,18 +18,8 @@ class Cifar10Task(CachedTask):
     name = "cifar10"
 
     @dataclass(frozen=True)
-    class Params:
+    class Params(ImageTaskParams):
         root: str = param("data", "directory containing cifar-10-batches-py/ (the extracted python version)")
-        model: str = model_param("cnn")
-        widths: tuple[int, ...] = widths_param()
-        act: str = act_param()
-        norm: str = norm_param()
-        public_fraction: float = public_fraction_param()
-        split_seed: int = split_seed_param()
-        max_samples: int | None = max_samples_param()
-
-        def __post_init__(self) -> None:
-            check_split(0.0, self.public_fraction, self.max_samples)
 
     def _load(self) -> TaskData:
         from defenda.data import load_cifar10_task
@@ -56,18 +35,8 @@ class MnistTask(CachedTask):
     name = "mnist"
 
     @dataclass(frozen=True)
-    class Params:
+    class Params(ImageTaskParams):
         root: str = param("data", "directory containing MNIST/raw/ with the four uncompressed idx files")
-        model: str = model_param("cnn")
-        widths: tuple[int, ...] = widths_param()
-        act: str = act_param()
-        norm: str = norm_param()
-        public_fraction: float = public_fraction_param()
-        split_seed: int = split_seed_param()
-        max_samples: int | None = max_samples_param()
-
-        def __post_init__(self) -> None:
-            check_split(0.0, self.public_fraction, self.max_samples)
 
     def _load(self) -> TaskData:
         from defenda.data import load_mnist_task
@@ -83,20 +52,13 @@ class ImageFolderTask(CachedTask):
     name = "imagefolder"
 
     @dataclass(frozen=True)
-    class Params:
+    class Params(ImageTaskParams):
         root: str = param("data/images", "directory with one sub-directory of images per class")
         image_size: int = param(32, "images are resized to image_size × image_size pixels")
-        model: str = model_param("cnn")
-        widths: tuple[int, ...] = widths_param()
-        act: str = act_param()
-        norm: str = norm_param()
         test_fraction: float = test_fraction_param()
-        public_fraction: float = public_fraction_param()
-        split_seed: int = split_seed_param()
-        max_samples: int | None = max_samples_param()
 
         def __post_init__(self) -> None:
-            check_split(self.test_fraction, self.public_fraction, self.max_samples)
+            super().__post_init__()
             if self.image_size < 1:
                 raise ValueError(f"image_size must be at least 1, got {self.image_size}")
 
