@@ -13,7 +13,9 @@ as possible from ``X`` while ``r'`` stays close to ``r``. Zeroing coordinate
 (and its code) prunes the coordinates with the *smallest*
 ``‖∂r_i/∂X‖ / |r_i|`` — the largest reconstruction change per unit of
 representation change — and shares ``(∂L/∂z) r'ᵀ``: the columns of ``∂L/∂W``
-for the pruned coordinates are zero. Nothing else in the update changes.
+for the pruned coordinates are zero. Nothing else in the update changes. The
+update declares the kept columns in ``update.masks`` (the server sees the zeros
+anyway), so masked matching (``geiping``'s ``masked = "auto"``) leaves them out.
 
 Per batch, as in the reference code: ``s_i = Σ_b ‖∂r_{b,i}/∂X_b‖ / |r_{b,i}|``
 and the fraction ``p`` (the strength) of coordinates with the lowest ``s_i``
@@ -43,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from defenda import param
-from defenda.interfaces import Defense, SharedUpdate, UpdateKind
+from defenda import Defense, RoundSettings, SharedUpdate, param
+from defenda.federation.client import compute_update
 
 
 def find_representation_layer(model: nn.Module, x: torch.Tensor, layer: str = "") -> str:
@@ -171,7 +173,31 @@ def soteria_mask(r: torch.Tensor, sensitivity: torch.Tensor, fraction: float) ->
 
 
 class Soteria(Defense):
-    """Soteria: prune the representation layer's gradient where reconstruction moves most (Sun et al. 2021)."""
+    """Soteria: prune the representation layer's gradient where the reconstruction moves most.
+
+    Paper: J. Sun, A. Li, B. Wang, H. Yang, H. Li, Y. Chen, "Soteria: Provable Defense against Privacy
+    Leakage in Federated Learning from Representation Perspective", CVPR 2021.
+    <https://doi.org/10.1109/CVPR46437.2021.00919>
+
+    Acts on: how the client computes its update (client-side): of the representation layer's
+    weight gradient (or FedAvg delta), the columns of the ``fraction`` of representation
+    coordinates with the smallest ``‖∂r_i/∂X‖ / |r_i|`` are zeroed; every other tensor is the
+    honest one. The server is told the kept coordinates of that tensor (``update.masks``; None
+    for the others) and ``soteria_fraction``, ``soteria_layer``, ``soteria_zeroed``,
+    ``soteria_active`` in ``meta``.
+
+    Arguments:
+        fraction (float, 0.4): fraction p of the representation's active coordinates pruned; the strength,
+            larger is stronger.
+        layer (str, ""): the ``nn.Linear`` whose input is the representation (empty: the first one not fed
+            by the raw input).
+
+    Example::
+
+        [[defenses]]
+        name = "soteria"
+        fraction = [0.2, 0.4, 0.6, 0.8]
+    """
 
     name = "soteria"
     default_sweep = (0.2, 0.4, 0.6, 0.8)
@@ -188,19 +214,8 @@ class Soteria(Defense):
             if not (0.0 <= self.fraction <= 1.0):
                 raise ValueError(f"fraction (the pruning rate p) must be in [0, 1], got {self.fraction}")
 
-    def client_update(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        kind: UpdateKind = "gradient",
-        local_steps: int = 1,
-        lr: float = 0.1,
-        generator: torch.Generator | None = None,
-    ) -> SharedUpdate:
-        from defenda.client import compute_update
-
+    def client_update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: RoundSettings,
+                      generator: torch.Generator | None = None) -> SharedUpdate:
         # The analysis passes must not count as client training: BatchNorm running
         # statistics are restored, so only the honest update below touches them.
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -212,11 +227,15 @@ class Soteria(Defense):
                 for b, saved in buffers:
                     b.copy_(saved)
         mask, pruned, active = soteria_mask(r, sens, self.params.fraction)
-        update = compute_update(model, x, y, kind=kind, local_steps=local_steps, lr=lr)
+        update = compute_update(model, x, y, settings)
         weight = f"{layer}.weight" if layer else "weight"
         tensors = list(update.tensors)
         i = update.names.index(weight)
         tensors[i] = tensors[i] * mask.to(tensors[i])
+        masks: list[torch.Tensor | None] | None = None  # declared only when a column was dropped
+        if pruned:
+            masks = [None] * len(tensors)
+            masks[i] = mask.to(tensors[i]).expand_as(tensors[i]).clone()  # kept columns of ∂L/∂W
         meta: dict[str, Any] = {"soteria_fraction": self.params.fraction, "soteria_layer": layer,
                                 "soteria_zeroed": pruned, "soteria_active": active}
-        return update.replace(tensors, **meta)
+        return update.replace(tensors, masks=masks, **meta)

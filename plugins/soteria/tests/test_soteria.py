@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import defenda_soteria
-from defenda.client import compute_update
+from defenda import RoundSettings
+from defenda.federation.client import compute_update
 from defenda.models import MLP, ResNet18, SmallCNN
 from defenda.testing import assert_installed, check_defense, make_tiny_case
 from defenda_soteria.soteria import (
@@ -103,7 +104,7 @@ def test_mask_matches_the_reference_algorithm(cnn_batch, fraction: float) -> Non
 def test_only_the_pruned_columns_of_the_representation_layer_change(cnn_batch) -> None:
     model, x, y = cnn_batch
     honest = compute_update(model, x, y)
-    update = Soteria(fraction=0.5).client_update(model, x, y)
+    update = Soteria(fraction=0.5).client_update(model, x, y, RoundSettings())
     i = update.names.index("classifier.1.weight")
     for j, (a, b) in enumerate(zip(honest.tensors, update.tensors)):
         if j != i:
@@ -113,23 +114,37 @@ def test_only_the_pruned_columns_of_the_representation_layer_change(cnn_batch) -
     assert int(zeroed.sum()) == update.meta["soteria_zeroed"] > 0
     assert torch.equal(update.tensors[i][:, kept], honest.tensors[i][:, kept])
     assert update.meta["soteria_layer"] == "classifier.1"
-    assert not any("prun" in k or "sparsi" in k for k in update.meta)  # the paper's non-adaptive attacker
+    # the pruned columns are declared: masks hold the kept columns of that tensor only
+    assert update.masks is not None and len(update.masks) == len(update.tensors)
+    assert all(m is None for j, m in enumerate(update.masks) if j != i)
+    assert update.masks[i].shape == update.tensors[i].shape
+    columns = update.masks[i][0]
+    assert torch.equal(update.masks[i], columns.expand_as(update.masks[i]))  # whole columns
+    assert torch.equal(columns == 0, zeroed)
+
+
+def test_nothing_pruned_declares_no_masks(cnn_batch) -> None:
+    model, x, y = cnn_batch
+    assert Soteria(fraction=0.0).client_update(model, x, y, RoundSettings()).masks is None
 
 
 def test_zero_fraction_is_the_honest_update(cnn_batch) -> None:
     model, x, y = cnn_batch
     for kind in ("gradient", "delta"):
-        honest = compute_update(model, x, y, kind=kind, local_steps=2)
-        update = Soteria(fraction=0.0).client_update(model, x, y, kind=kind, local_steps=2)
+        settings = RoundSettings(kind=kind, local_steps=2)
+        honest = compute_update(model, x, y, settings)
+        update = Soteria(fraction=0.0).client_update(model, x, y, settings)
         assert all(torch.equal(a, b) for a, b in zip(honest.tensors, update.tensors))
 
 
 def test_fedavg_delta_columns_are_pruned(cnn_batch) -> None:
     model, x, y = cnn_batch
-    update = Soteria(fraction=0.6).client_update(model, x, y, kind="delta", local_steps=3, lr=0.1)
+    update = Soteria(fraction=0.6).client_update(model, x, y, RoundSettings(kind="delta", local_steps=3, lr=0.1))
     assert update.kind == "delta" and update.local_steps == 3
-    weight = update.tensors[update.names.index("classifier.1.weight")]
+    i = update.names.index("classifier.1.weight")
+    weight = update.tensors[i]
     assert int((weight == 0).all(0).sum()) >= update.meta["soteria_zeroed"] > 0
+    assert update.masks is not None and int((update.masks[i] == 0).all(0).sum()) == update.meta["soteria_zeroed"]
 
 
 def test_representation_layer_per_model_family() -> None:
@@ -152,7 +167,7 @@ def test_batchnorm_model_uses_the_coupled_path_and_keeps_running_stats() -> None
                           nn.Linear(256, 16), nn.ReLU(), nn.Linear(16, 3)).train()
     x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
     twin = copy.deepcopy(model)
-    Soteria(fraction=0.5).client_update(model, x, y)
+    Soteria(fraction=0.5).client_update(model, x, y, RoundSettings())
     compute_update(twin, x, y)  # what the honest client does to BatchNorm statistics
     for (name, a), (_, b) in zip(model.named_buffers(), twin.named_buffers()):
         assert torch.equal(a, b), name
