@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from defenda import hookspecs, interfaces, params, testing
+from defenda import hookspecs, interfaces, params, records, testing
 from defenda.testing import check_attack, check_defense, make_tiny_case, registered, run_cli
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
@@ -111,8 +111,8 @@ def call_form(fn: object) -> str:
 def test_param_and_requirements_are_documented_exactly() -> None:
     assert signature(params.param) in TEXT
     shown = re.search(r"^(Requirements\(.*\))$", TEXT, re.M).group(1)  # type: ignore[union-attr]
-    assert eval(shown, {"Requirements": interfaces.Requirements}) == interfaces.Requirements()  # noqa: S307
-    fields = list(inspect.signature(interfaces.Requirements).parameters)
+    assert eval(shown, {"Requirements": records.Requirements}) == records.Requirements()  # noqa: S307
+    fields = list(inspect.signature(records.Requirements).parameters)
     assert re.findall(r"(\w+)=", shown) == fields
 
 
