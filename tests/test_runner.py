@@ -174,6 +174,14 @@ def test_report_has_tradeoff_and_grids(tmp_path: Path) -> None:
     assert "Privacy at equal utility" in text and "| gaussian-noise |" in text
     page = (index.parent / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+    # every Markdown table row is one HTML row, with as many cells as its table has headers
+    import re
+
+    md_rows = [ln for ln in text.splitlines() if ln.startswith("|") and not set(ln) <= set("|- ")]
+    assert page.count("<tr>") == len(md_rows) > 4
+    for table in re.findall(r"<table>(.*?)</table>", page):
+        rows = re.findall(r"<tr>(.*?)</tr>", table)
+        assert len(rows) >= 2 and {r.count("<td>") for r in rows[1:]} == {rows[0].count("<th>")}
     for name in ("tradeoff_digits_psnr.png", "tradeoff_digits_psnr.svg", "grid_digits_geiping.png",
                  "results.csv", "results.parquet"):
         assert (index.parent / name).stat().st_size > 0

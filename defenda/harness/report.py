@@ -248,7 +248,7 @@ def _html(lines: list[str], out: Path) -> str:
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
             table.clear()
 
-    for line in lines:
+    for line in "\n".join(lines).splitlines():  # a table arrives as one multi-line entry
         if line.startswith("|"):
             table.append(line)
             continue
