@@ -289,8 +289,10 @@ def infer_labels(update: SharedUpdate, model: nn.Module, knowledge: Knowledge) -
     return batch_size, recover_labels(update, model, batch_size, knowledge.num_classes), False
 
 
-def update_masks(mode: str, update: SharedUpdate) -> list[torch.Tensor | None] | None:
-    """The masks for masked matching, or None to compare every coordinate.
+def update_masks(mode: str, update: SharedUpdate,
+                 observed: Sequence[torch.Tensor]) -> list[torch.Tensor | None] | None:
+    """The masks for masked matching, on the device and dtype of ``observed`` (the tensors the
+    attack matches), or None to compare every coordinate.
 
     ``"auto"``: the coordinates the defense declared kept (:attr:`SharedUpdate.masks`,
     set by pruning and Soteria); ``"always"``: those, else the observed non-zero
@@ -299,8 +301,10 @@ def update_masks(mode: str, update: SharedUpdate) -> list[torch.Tensor | None] |
     if mode == "never":
         return None
     if mode == "always" and update.masks is None:
-        return list(pruning_masks(update.tensors))
-    return update.masks
+        return list(pruning_masks(observed))
+    if update.masks is None:
+        return None
+    return [None if m is None else m.to(g) for m, g in zip(update.masks, observed)]
 
 
 def on_device(model: nn.Module, device: torch.device | str) -> nn.Module:

@@ -44,15 +44,6 @@ from defenda.inversion import (
 )
 
 
-def observed_masks(mode: str, update: SharedUpdate, observed: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
-    """The masks of masked matching (:func:`defenda.inversion.update_masks`) on the observed tensors'
-    device and dtype, or None to compare every coordinate."""
-    masks = update_masks(mode, update)
-    if masks is None:
-        return None
-    return [None if m is None else m.to(g) for m, g in zip(masks, observed)]
-
-
 class Geiping(Attack):
     """Inverting Gradients: optimise inputs so that their update has the observed direction.
 
@@ -133,7 +124,7 @@ class Geiping(Attack):
         observed = [t.detach().to(device=device, dtype=dtype) for t in update.tensors]
         batch_size, labels, known = infer_labels(update, model, knowledge)
         labels = labels.to(device)
-        masks = observed_masks(p.masked, update, observed)
+        masks = update_masks(p.masked, update, observed)
         image = knowledge.task_kind == "image" and len(knowledge.input_shape) == 3
         box = knowledge.box if (p.boxed and image) else None
         lr = p.local_lr or knowledge.lr or None

@@ -57,6 +57,7 @@ from defenda.inversion import (
     on_device,
     predicted_update,
     total_variation,
+    update_masks,
 )
 from defenda_attacks._generators import (
     DCGANGenerator,
@@ -69,7 +70,6 @@ from defenda_attacks._generators import (
     train_gan_prior,
     training_lock,
 )
-from defenda_attacks.geiping import observed_masks
 
 #: objective of a candidate batch in model space: (x, create_graph) -> (total loss, matching loss)
 Objective = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
@@ -263,7 +263,7 @@ class GenerativeInversion(Attack):
         observed = [t.detach().to(device=device, dtype=dtype) for t in update.tensors]
         batch_size, labels, known = infer_labels(update, model, knowledge)
         labels = labels.to(device)
-        masks = observed_masks(p.masked, update, observed)
+        masks = update_masks(p.masked, update, observed)
         lr = p.local_lr or knowledge.lr or None
         mean, std = knowledge.mean.to(device), knowledge.std.to(device)
 
