@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from defenda.federation.training import accuracy, train
 from defenda.harness.jobs import Federation, UtilityJob
 from defenda.harness.services import load_task, resolve_device
 from defenda.plugins import Plugins, get_plugins
+
+if TYPE_CHECKING:
+    from defenda.interfaces import Defense
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class Accounting:
     sample_rate: float
     delta: float
     local_steps: int
+    #: the client's batch size in each round (the defense may enlarge it; at most the train split)
+    batch_size: int
 
     def calibrate_args(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`defenda.Defense.calibrate`."""
@@ -36,10 +41,11 @@ class Accounting:
                 "local_steps": self.local_steps}
 
 
-def accounting_for(fed: Federation, size: int, n_train: int) -> Accounting:
-    """The accounting of a training run whose client draws ``size`` of ``n_train`` samples per round."""
+def accounting_for(fed: Federation, defense: Defense, n_train: int) -> Accounting:
+    """The accounting of a training run under ``defense`` on a train split of ``n_train`` samples."""
+    size = min(defense.client_batch_size(fed.client_batch_size), n_train)
     return Accounting(steps=fed.rounds, sample_rate=size / n_train, delta=fed.delta or 1.0 / n_train,
-                      local_steps=fed.local_steps if fed.update == "delta" else 1)
+                      local_steps=fed.local_steps if fed.update == "delta" else 1, batch_size=size)
 
 
 def now() -> str:
@@ -54,11 +60,10 @@ def measure_utility(plugins: Plugins, job: UtilityJob, device: torch.device) -> 
     fed = job.federation
     torch.manual_seed(job.seed)
     model = task.build_model(data).to(device)
-    size = min(defense.client_batch_size(fed.client_batch_size), len(data.train[0]))
-    accounting = accounting_for(fed, size, len(data.train[0]))
+    accounting = accounting_for(fed, defense, len(data.train[0]))
     defense.calibrate(**accounting.calibrate_args())
-    train(model, defense, data, rounds=fed.rounds, batch_size=size, settings=fed.round_settings, seed=job.seed,
-          device=device)
+    train(model, defense, data, rounds=fed.rounds, batch_size=accounting.batch_size, settings=fed.round_settings,
+          seed=job.seed, device=device)
     eps = defense.epsilon(steps=accounting.steps, sample_rate=accounting.sample_rate, delta=accounting.delta)
     return accuracy(model, data, device), eps
 
