@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # what type checkers see; at runtime these names are imported
     from defenda.interfaces import Attack, Defense, EmptyParams, Metric, Task  # noqa: F401
     from defenda.records import (  # noqa: F401
         KNOWLEDGE_FLAGS,
+        FederationPlan,
         InputSpace,
         Knowledge,
         Reconstruction,
@@ -49,6 +50,7 @@ _LAZY = {
     "InputSpace": "defenda.records",
     "TaskData": "defenda.records",
     "RoundSettings": "defenda.records",
+    "FederationPlan": "defenda.records",
     "SharedUpdate": "defenda.records",
     "Knowledge": "defenda.records",
     "Reconstruction": "defenda.records",

@@ -20,7 +20,7 @@ from torch import nn
 
 from defenda.errors import ParamError
 from defenda.interfaces import Defense
-from defenda.records import RoundSettings, SharedUpdate
+from defenda.records import FederationPlan, RoundSettings, SharedUpdate
 from defenda.registry import Registry
 
 SEPARATOR = "+"
@@ -74,6 +74,57 @@ class ComposedDefense(Defense):
             if eps is not None:
                 return eps
         return None
+
+
+    # ---- in a federation: each hook forwards to the components (first answer wins where one is needed)
+
+    @property
+    def hides_client_updates(self) -> bool:  # type: ignore[override]
+        return any(p.hides_client_updates for p in self.parts)
+
+    def join_federation(self, plan: FederationPlan) -> None:
+        for part in self.parts:
+            part.join_federation(plan)
+
+    def aggregation_weights(self, sizes: list[int]) -> list[float]:
+        for part in self.parts:
+            if type(part).aggregation_weights is not Defense.aggregation_weights:
+                return part.aggregation_weights(sizes)
+        return super().aggregation_weights(sizes)
+
+    def secure_aggregate(self, updates: list[SharedUpdate], weights: list[float],
+                         generator: torch.Generator | None = None) -> SharedUpdate:
+        for part in self.parts:
+            if part.hides_client_updates:
+                return part.secure_aggregate(updates, weights, generator)
+        return super().secure_aggregate(updates, weights, generator)
+
+    def server_update(self, aggregate: SharedUpdate, clients: int,
+                      generator: torch.Generator | None = None) -> SharedUpdate:
+        for part in self.parts:
+            aggregate = part.server_update(aggregate, clients, generator)
+        return aggregate
+
+    def sample_ledger_entry(self, settings: RoundSettings, batch_size: int) -> tuple[float, float, int] | None:
+        return _first(p.sample_ledger_entry(settings, batch_size) for p in self.parts)
+
+    def client_noise_multiplier(self) -> float | None:
+        return _first(p.client_noise_multiplier() for p in self.parts)
+
+    def ledger_accountant(self) -> str:
+        for part in self.parts:
+            if part.sample_ledger_entry is not None and type(part).ledger_accountant is not Defense.ledger_accountant:
+                return part.ledger_accountant()
+        return "rdp"
+
+    def noise_position(self) -> str | None:
+        positions = {p.noise_position() for p in self.parts} - {None}
+        # noise the server sees beats noise it does not: "before" if any component noises before it observes
+        return "before" if "before" in positions else next(iter(positions), None)
+
+
+def _first(values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 def make_defense(registry: Registry, name: str, params: dict[str, Any]) -> Defense:

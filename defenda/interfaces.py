@@ -24,7 +24,15 @@ if TYPE_CHECKING:
 
     # records are only annotations here; at runtime the names are served (with a deprecation
     # warning) by __getattr__ below, for plugins that still import them from this module
-    from defenda.records import Knowledge, Reconstruction, Requirements, RoundSettings, SharedUpdate, TaskData
+    from defenda.records import (
+        FederationPlan,
+        Knowledge,
+        Reconstruction,
+        Requirements,
+        RoundSettings,
+        SharedUpdate,
+        TaskData,
+    )
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,53 @@ class Defense(Plugin):
 
     def epsilon(self, *, steps: int, sample_rate: float, delta: float) -> float | None:
         """Privacy ε after ``steps`` of utility training (None for defenses without a DP guarantee)."""
+        return None
+
+    # ---- in a federation (``[federation]`` in the study): the server side and the accounting ----
+
+    #: the server observes only the aggregate of a round's clients, never one client's update
+    #: (secure aggregation); then :meth:`secure_aggregate` produces what it sees
+    hides_client_updates: ClassVar[bool] = False
+
+    def join_federation(self, plan: FederationPlan) -> None:
+        """Told the federation's shape (N, K, R, sampling, δ) before the first round. Default: nothing."""
+        return None
+
+    def aggregation_weights(self, sizes: list[int]) -> list[float]:
+        """The weights p_k of the round's clients from their data sizes n_k (default n_k / Σ n_j)."""
+        total = float(sum(sizes))
+        return [n / total for n in sizes]
+
+    def secure_aggregate(self, updates: list[SharedUpdate], weights: list[float],
+                         generator: torch.Generator | None = None) -> SharedUpdate:
+        """What a server that sees only the aggregate decodes: Σ p_k Δ_k (only called when
+        :attr:`hides_client_updates`). Default: the exact weighted sum."""
+        from defenda.federation.aggregation import weighted_sum
+
+        return weighted_sum(updates, weights)
+
+    def server_update(self, aggregate: SharedUpdate, clients: int,
+                      generator: torch.Generator | None = None) -> SharedUpdate:
+        """Post-process the aggregate after the point where the server observes (central DP noise).
+        Default: unchanged."""
+        return aggregate
+
+    def sample_ledger_entry(self, settings: RoundSettings, batch_size: int) -> tuple[float, float, int] | None:
+        """Sample-level DP: the ``(noise multiplier, sample rate, steps)`` one participation adds to the
+        client's ledger, or None (no sample-level guarantee)."""
+        return None
+
+    def client_noise_multiplier(self) -> float | None:
+        """Client-level DP (DP-FedAvg): the noise multiplier z of each round's aggregate, or None."""
+        return None
+
+    def ledger_accountant(self) -> str:
+        """The Opacus accountant a DP defense's ledger is composed with (``"rdp"`` or ``"prv"``)."""
+        return "rdp"
+
+    def noise_position(self) -> str | None:
+        """Where the defense's noise enters relative to what a curious server observes: ``"before"``
+        (it sees noisy updates), ``"after"`` (central DP: it sees them clean), None (no noise)."""
         return None
 
 

@@ -143,17 +143,28 @@ def parameter_gradients(
 
 
 def simulate_delta(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, local_steps: int, lr: float, create_graph: bool = True
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, local_steps: int, lr: float, create_graph: bool = True,
+    local_epochs: int = 0, local_batch_size: int = 0,
 ) -> list[torch.Tensor]:
-    """FedAvg client, unrolled: ``θ_after − θ_before`` after ``local_steps`` full-batch SGD steps.
+    """FedAvg client, unrolled: ``θ_after − θ_before`` after the client's local SGD steps.
 
-    Mirrors :func:`defenda.federation.client.weight_delta`, but differentiable in ``x``.
+    ``local_steps`` full-batch steps, or with ``local_epochs`` E epochs over ``x`` in
+    mini-batches of ``local_batch_size`` taken in the candidate's own order. The client's
+    real order is unknown to the attacker, but the candidate batch is unordered: for one
+    epoch assigning its first b rows to the first step loses nothing (the optimisation
+    places each sample); later epochs reshuffle, which this approximation ignores.
+    Mirrors :func:`defenda.federation.client.compute_update`, but differentiable in ``x``.
     """
     names, params = _params(model)
     current = list(params)
-    for _ in range(max(1, local_steps)):
-        logits = functional_call(model, dict(zip(names, current)), (x,))
-        grads = _grads(loss_fn(logits, y), current, create_graph)
+    if local_epochs > 0 and local_batch_size > 0:
+        chunks = [(x[i:i + local_batch_size], y[i:i + local_batch_size]) for i in range(0, len(x), local_batch_size)]
+        batches = chunks * local_epochs
+    else:
+        batches = [(x, y)] * max(1, local_steps)
+    for bx, by in batches:
+        logits = functional_call(model, dict(zip(names, current)), (bx,))
+        grads = _grads(loss_fn(logits, by), current, create_graph)
         current = [p - lr * g for p, g in zip(current, grads)]
     return [c - p for c, p in zip(current, params)]
 
@@ -170,8 +181,8 @@ def predicted_update(
     """What the client would share for the candidate ``(x, y)``, in the form of ``update``.
 
     A gradient for ``kind == "gradient"``; for ``"delta"``, the unrolled FedAvg delta
-    with ``update.local_steps`` steps at ``lr`` (default ``update.lr``, else 0.1).
-    One local step is matched as a negated gradient (same cosine, cheaper).
+    with the update's local steps (or epochs of mini-batches) at ``lr`` (default
+    ``update.lr``, else 0.1). One local step is matched as a negated gradient (same cosine, cheaper).
     """
     if update.kind == "gradient":
         return parameter_gradients(model, x, y, create_graph)
@@ -180,7 +191,8 @@ def predicted_update(
     step = lr if lr is not None else (update.lr if update.lr is not None else 0.1)
     if update.local_steps <= 1:
         return [-step * g for g in parameter_gradients(model, x, y, create_graph)]
-    return simulate_delta(model, x, y, local_steps=update.local_steps, lr=step, create_graph=create_graph)
+    return simulate_delta(model, x, y, local_steps=update.local_steps, lr=step, create_graph=create_graph,
+                          local_epochs=update.local_epochs, local_batch_size=update.local_batch_size)
 
 
 # --------------------------------------------------------------------------- labels and batch size

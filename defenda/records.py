@@ -121,14 +121,26 @@ class RoundSettings:
     """How a client computes its update in one round (the federation's local-training settings).
 
     :ivar kind: ``"gradient"`` (FedSGD: one gradient of the mean loss on the batch) or
-        ``"delta"`` (FedAvg: ``θ_after − θ_before`` after ``local_steps`` SGD steps).
-    :ivar local_steps: SGD steps of a FedAvg client (1 for FedSGD).
+        ``"delta"`` (FedAvg: ``θ_after − θ_before`` after the client's local SGD steps).
+    :ivar local_steps: FedAvg without ``local_epochs``: full-batch SGD steps on the batch.
     :ivar lr: the client's learning rate.
+    :ivar local_epochs: FedAvg over the client's data: E epochs of shuffled mini-batches of
+        ``local_batch_size`` (drop_last off, so ⌈n/b⌉ steps per epoch); 0 = ``local_steps``
+        full-batch steps instead.
+    :ivar local_batch_size: the mini-batch size b of those epochs.
+    :ivar order_seed: seeds the order of the mini-batches; kept apart from the defense's
+        randomness so that every defense trains on the same batches.
+    :ivar client_samples: n_k, the size of the client's local data (0 = the batch is all of
+        it); sample-level DP accounts the batch as drawn at rate b/n_k.
     """
 
     kind: UpdateKind = "gradient"
     local_steps: int = 1
     lr: float = 0.1
+    local_epochs: int = 0
+    local_batch_size: int = 0
+    order_seed: int = 0
+    client_samples: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in UPDATE_KINDS:
@@ -137,6 +149,40 @@ class RoundSettings:
             raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.local_epochs < 0 or (self.local_epochs > 0 and self.local_batch_size < 1):
+            raise ValueError(f"local_epochs must be >= 0 and needs local_batch_size >= 1, got "
+                             f"{self.local_epochs} epochs of batch {self.local_batch_size}")
+
+    def steps_for(self, n: int) -> int:
+        """Local SGD steps of a client with ``n`` samples (1 for FedSGD)."""
+        if self.kind == "gradient":
+            return 1
+        if self.local_epochs > 0:
+            return self.local_epochs * -(-n // self.local_batch_size)
+        return self.local_steps
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    """What a defense is told about the federation before training (:meth:`Defense.join_federation`).
+
+    :ivar clients: N, the population.
+    :ivar clients_per_round: K, clients sampled per round (the expected number under Poisson sampling).
+    :ivar rounds: R.
+    :ivar sampling: ``"uniform"`` (K of N without replacement) or ``"poisson"`` (each client at rate K/N).
+    :ivar delta: the DP δ of the study.
+    """
+
+    clients: int
+    clients_per_round: int
+    rounds: int
+    sampling: str = "uniform"
+    delta: float = 1e-5
+
+    @property
+    def client_rate(self) -> float:
+        """q_c = K/N, the client sampling rate."""
+        return self.clients_per_round / self.clients
 
 
 @dataclass
@@ -162,6 +208,10 @@ class SharedUpdate:
     lr: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     masks: list[torch.Tensor | None] | None = None
+    #: FedAvg over the client's data: epochs and mini-batch size (0 = ``local_steps`` full-batch steps)
+    local_epochs: int = 0
+    local_batch_size: int = 0
+
 
     def replace(self, tensors: list[torch.Tensor], *, masks: list[torch.Tensor | None] | None = None,
                 **meta: Any) -> SharedUpdate:
