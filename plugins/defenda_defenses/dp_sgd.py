@@ -14,7 +14,12 @@ What the server sees
     ``kind="gradient"`` (FedSGD): the clipped, noised, averaged gradient Opacus
     produced for the batch (``p.grad`` after ``DPOptimizer.pre_step``).
     ``kind="delta"`` (FedAvg): ``θ_after − θ_before`` after ``local_steps``
-    DP-SGD steps (each re-clips and re-noises) on the client's batch.
+    DP-SGD steps (each re-clips and re-noises) on the client's batch; with
+    ``settings.local_epochs > 0`` (FedAvg over the client's data) one DP-SGD
+    step per mini-batch of ``defenda.federation.client.minibatches`` — the
+    same shuffled batches, in the same order, as the honest client — each
+    divided by ``expected_batch_size = local_batch_size`` (also for the
+    smaller last batch of an epoch).
 
 The caller's model is never touched: the defense works on a private deep copy
 (put in training mode — Opacus computes per-sample gradients only there),
@@ -52,6 +57,13 @@ Privacy accounting (``epsilon``)
     overflows; beyond :data:`PRV_MAX_GRID` points the RDP ε (also a valid upper
     bound, looser) is reported with a warning, and ``last_accounting`` says which
     accountant produced the last ε.
+
+In a federation
+    Each participation adds :meth:`DPSGD.sample_ledger_entry` to the client's
+    ledger (σ, q, steps), composed with the ``accountant`` parameter; the
+    noise is ``"before"`` what the server observes (it sees noisy updates),
+    and the local sampling randomness is the client's own, so the
+    amplification holds against the server too.
 
 Target-ε mode (``target_epsilon > 0``)
     σ is calibrated through Opacus (``opacus.accountants.utils.get_noise_multiplier``)
@@ -169,10 +181,12 @@ class DPSGD(Defense):
     Acts on: how the client computes its update (client-side): per-sample gradients are
     clipped to ``max_grad_norm``, summed, noised with N(0, (σ·C)²) and averaged by Opacus'
     ``DPOptimizer`` on a private copy of the model; the server sees the noised FedSGD gradient
-    or the FedAvg delta after ``local_steps`` DP-SGD steps. It is told ``noise_multiplier``,
+    or the FedAvg delta after ``local_steps`` DP-SGD steps (with ``local_epochs``: one step per
+    mini-batch of the client's epochs). It is told ``noise_multiplier``,
     ``max_grad_norm``, ``noise_std``, ``dp_steps``, ``accountant``, ``secure_mode`` (and
     ``target_epsilon``, ``calibration``, ``model_fixed`` when they apply) in ``meta``;
-    :meth:`epsilon` reports ε of the utility training.
+    :meth:`epsilon` reports ε of the utility training, :meth:`sample_ledger_entry` what one
+    participation in a federation adds to the client's sample-level ledger.
 
     Arguments:
         noise_multiplier (float, 1.0): σ, the noise std in units of ``max_grad_norm``; the strength,
@@ -296,6 +310,39 @@ class DPSGD(Defense):
                                 "epsilon": eps}
         return eps
 
+    # ---------------------------------------------------------------- in a federation
+
+    def sample_ledger_entry(self, settings: RoundSettings, batch_size: int) -> tuple[float, float, int]:
+        """Sample-level DP: the ``(σ_eff, q, steps)`` one participation adds to the client's ledger.
+
+        * FedSGD: ``(σ, b/n_k, 1)`` — one step on a batch of ``batch_size`` from the client's
+          ``settings.client_samples`` (q = 1 when that is 0: the batch is all of the data).
+        * FedAvg with ``local_steps`` k full-batch steps on the same batch: ``(σ/√k, b/n_k, 1)``,
+          one Gaussian mechanism (see :meth:`epsilon`).
+        * FedAvg with ``local_epochs`` E: ``(σ, b/n_k, E·⌈n_k/b⌉)`` with b = ``local_batch_size``.
+          The client's batches are shuffled fixed-size batches (drop_last off); they are accounted
+          as Poisson sampling at rate b/n_k, the standard approximation (Opacus makes the same one
+          with ``poisson_sampling=False``; its Poisson loader would use 1/⌈n_k/b⌉).
+        """
+        sigma = self.noise_multiplier
+        if settings.kind == "delta" and settings.local_epochs > 0:
+            n = settings.client_samples or batch_size
+            return sigma, min(1.0, settings.local_batch_size / n), settings.steps_for(n)
+        q = min(1.0, batch_size / settings.client_samples) if settings.client_samples > 0 else 1.0
+        if settings.kind == "delta":
+            return sigma / math.sqrt(settings.local_steps), q, 1
+        return sigma, q, 1
+
+    def ledger_accountant(self) -> str:
+        """The Opacus accountant of the ledgers: the ``accountant`` parameter."""
+        return self.params.accountant
+
+    def noise_position(self) -> str | None:
+        """``"before"``: the noise is in the update the server observes (None without noise)."""
+        if self.params.target_epsilon <= 0 and self.params.noise_multiplier == 0:
+            return None
+        return "before"
+
     # ---------------------------------------------------------------- the update
 
     def _wrap(self, model: nn.Module) -> _Wrapped:
@@ -332,11 +379,20 @@ class DPSGD(Defense):
                       generator: torch.Generator | None = None) -> SharedUpdate:
         from opacus.optimizers import DPOptimizer
 
+        from defenda.federation.client import minibatches
+
         if len(x) == 0:
             raise ValueError("dp-sgd: empty batch")
         kind, lr = settings.kind, settings.lr
-        steps = settings.local_steps if kind == "delta" else 1
-        self._steps_per_round = steps
+        epochs = kind == "delta" and settings.local_epochs > 0
+        if epochs:  # FedAvg over the client's data: DP-SGD on the federation's mini-batches, in its order
+            batches = [(x[i], y[i]) for i in minibatches(len(x), settings)]
+            divisor = settings.local_batch_size
+        else:  # FedSGD (one step) or ``local_steps`` full-batch steps on the same batch
+            batches = [(x, y)] * (settings.local_steps if kind == "delta" else 1)
+            divisor = len(x)
+            self._steps_per_round = len(batches)
+        steps = len(batches)
         sigma = self.noise_multiplier
         clip = self.params.max_grad_norm
         entry = self._wrap(model)
@@ -345,19 +401,20 @@ class DPSGD(Defense):
         trainable = [p for p in entry.params if p.requires_grad]
         device = entry.params[0].device if entry.params else torch.device("cpu")
         opt = DPOptimizer(torch.optim.SGD(trainable, lr=lr), noise_multiplier=sigma, max_grad_norm=clip,
-                          expected_batch_size=len(x), loss_reduction="mean",
+                          expected_batch_size=divisor, loss_reduction="mean",
                           generator=_noise_generator(generator, device), secure_mode=self.params.secure_mode)
         try:
-            tensors = _dp_steps(entry, opt, x, y, kind, steps, originals)
+            tensors = _dp_steps(entry, opt, batches, kind, originals)
         except BaseException:
             self._wrapped.pop(model, None)  # never reuse a copy left in an unknown state
             raise
         finally:
             opt.zero_grad(set_to_none=True)  # drop per-sample gradients
         names = [n for n, _ in model.named_parameters()]
+        extra = {"local_epochs": settings.local_epochs, "local_batch_size": settings.local_batch_size} if epochs else {}
         return SharedUpdate(tensors=tensors, names=names, kind=kind, batch_size=len(x),
                             local_steps=steps if kind == "delta" else 1, lr=lr,
-                            meta=self._meta(sigma, clip, len(x), steps, entry))
+                            meta=self._meta(sigma, clip, divisor, steps, entry), **extra)
 
     def _meta(self, sigma: float, clip: float, batch_size: int, steps: int, entry: _Wrapped) -> dict[str, Any]:
         """What the server is told about the mechanism that produced the update."""
@@ -385,17 +442,18 @@ def _copy_state(model: nn.Module, entry: _Wrapped) -> None:
                 local_buffers[n].copy_(b)
 
 
-def _dp_steps(entry: _Wrapped, opt: Any, x: torch.Tensor, y: torch.Tensor, kind: str, steps: int,
+def _dp_steps(entry: _Wrapped, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], kind: str,
               originals: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Run the client's DP-SGD steps on the wrapped copy; the shared tensors (noised gradient or delta)."""
+    """Run the client's DP-SGD steps (one per batch) on the wrapped copy; the shared tensors (noised
+    gradient or delta)."""
     from defenda.federation.client import loss_fn
 
     with torch.enable_grad(), warnings.catch_warnings():
         # the inputs do not require grad: torch warns about Opacus' full backward hooks
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(steps):
+        for bx, by in batches:
             opt.zero_grad(set_to_none=True)
-            loss_fn(entry.gsm(x), y).backward()
+            loss_fn(entry.gsm(bx), by).backward()
             if kind == "gradient":
                 opt.pre_step()  # clip, accumulate, noise, scale: p.grad is what is shared
             else:

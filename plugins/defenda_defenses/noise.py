@@ -83,6 +83,10 @@ class _AdditiveNoise(Defense):
         return update.replace(noisy, noise=self.name.removesuffix("-noise"), noise_scale=scale,
                               noise_std=scale * self.std_per_scale, clip=clip)
 
+    def noise_position(self) -> str | None:
+        """``"before"``: the noise is in the update the server observes (None at scale 0)."""
+        return "before" if float(getattr(self.params, self.scale_field)) > 0 else None
+
 
 class GaussianNoise(_AdditiveNoise):
     """Gaussian noise N(0, std²) added to every coordinate of the shared update.
