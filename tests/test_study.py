@@ -160,8 +160,11 @@ def test_the_default_study_runs_every_builtin_attack_and_defense(registry) -> No
     builtin = {kind: {n for n in registry.names(kind) if registry.get(kind, n).origin.dist == "defenda"}
                for kind in ("attack", "defense")}
     assert {a.name for a in study.attacks} == builtin["attack"]
-    assert {d.name for d in study.defenses} == builtin["defense"]
+    assert {d.name for d in study.defenses if "+" not in d.name} == builtin["defense"]
     assert {t.name for t in study.tasks} == {"digits", "breast-cancer"}
+    # a real federation: >= 10 non-IID clients, attacks at the first and the last round
+    fs = study.federations[0]
+    assert fs.clients >= 10 and fs.partition != "iid" and fs.observed_rounds == (0, fs.rounds - 1)
 
 
 def test_builtin_studies_are_found_by_name(registry, tmp_path: Path) -> None:
@@ -177,7 +180,7 @@ def test_builtin_studies_are_found_by_name(registry, tmp_path: Path) -> None:
     own = tmp_path / "paper"  # a file of that name wins over the built-in
     own.write_text('[study]\nname = "mine"\n[task]\nname = "digits"\n[[attacks]]\nname = "geiping"\n')
     assert resolve_study(str(own)) == own
-    with pytest.raises(StudyError, match="built-in studies: default, paper"):
+    with pytest.raises(StudyError, match="built-in studies: default, paper, single-client"):
         resolve_study("no-such-study")
 
 

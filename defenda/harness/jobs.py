@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from defenda.federation.settings import FederationSettings
 from defenda.records import RoundSettings
 
 
@@ -60,12 +61,21 @@ class UtilityJob:
     defense_params: dict[str, Any]
     strength: float | None
     seed: int
-    federation: Federation
+    #: the single-client protocol's settings, or a real federation (``[federation]`` in the study)
+    federation: Federation | FederationSettings
+
+    @property
+    def federated(self) -> bool:
+        """A real federation (clients, rounds, observations), not the single-client protocol."""
+        return isinstance(self.federation, FederationSettings)
 
     def ident(self) -> dict[str, Any]:
         """What determines the job's result (hashed into ``key``)."""
+        fed = self.federation
+        settings = ({"protocol": "federation", **fed.to_dict()} if isinstance(fed, FederationSettings)
+                    else dataclasses.asdict(fed))
         return {"task": self.task, "task_params": self.task_params, "defense": self.defense,
-                "defense_params": self.defense_params, "seed": self.seed, **dataclasses.asdict(self.federation)}
+                "defense_params": self.defense_params, "seed": self.seed, **settings}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (for trackers and logs)."""
@@ -97,6 +107,11 @@ class Trial:
     timeout: float = 0
     save_reconstructions: bool = True
     cache_dir: str | None = None
+    #: in a federation: the attacked round and which of its observed updates (0 = the first target)
+    round: int | None = None
+    target: int = 0
+    #: the output directory whose ``runs/`` holds the observations; set by the runner
+    out_dir: str | None = None
 
     @property
     def task(self) -> str:
@@ -129,7 +144,7 @@ class Trial:
         return self.utility.seed
 
     @property
-    def federation(self) -> Federation:
+    def federation(self) -> Federation | FederationSettings:
         """The federation settings (of the training run)."""
         return self.utility.federation
 
@@ -142,7 +157,8 @@ class Trial:
         """What determines a trial's result (hashed into ``key``)."""
         return {**self.utility.ident(), "attack": self.attack, "attack_params": self.attack_params,
                 "strength": self.strength, "batch_size": self.batch_size, "server": self.server,
-                "knowledge": list(self.knowledge)}
+                "knowledge": list(self.knowledge),
+                **({} if self.round is None else {"round": self.round, "target": self.target})}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form, as ``defenda_trial_finished`` observers receive it."""

@@ -271,17 +271,22 @@ def run_study(
             utility_jobs = _utility_jobs(todo, store)
             where = "dask" if executor == "dask" else f"{workers} worker{'s' if workers > 1 else ''}"
             bar = Progress(len(utility_jobs) + len(todo), progress, f"{study.name} ({where})")  # one bar for all
-            ujobs = [(run_utility, (job, device), partial(failed_utility, job)) for job in utility_jobs]
+            ujobs = [(run_utility, (job, device, str(out_dir)), partial(failed_utility, job))
+                     for job in utility_jobs]
             for row in pool.map_unordered(ujobs):
                 store.add_utility(row)
                 bar.update(f"utility {row['defense']} acc={row.get('test_acc') or 0:.2f}")
             cache_dir = str(Path(out_dir) / "cache")
-            jobs = [(run_trial, (dataclasses.replace(t, cache_dir=cache_dir), device), partial(failed_trial, t))
-                    for t in todo]
+            todo, lost = _runs_failed(todo, store)
+            for trial, row in lost:  # a federated trial whose training run failed has nothing to attack
+                store.add_trial(row)
+                counts["error"] += 1
+                bar.update(f"{trial.attack}/{trial.defense} error")
+            jobs = [(run_trial, (dataclasses.replace(t, cache_dir=cache_dir, out_dir=str(out_dir)), device),
+                     partial(failed_trial, t)) for t in todo]
             by_key = {t.key: t for t in todo}
             for row, arrays in pool.map_unordered(jobs):
-                util = store.utility(row["utility_key"]) or {}
-                row["test_acc"], row["epsilon"] = util.get("test_acc"), util.get("epsilon")
+                merge_utility(row, store.utility(row["utility_key"]) or {})
                 store.add_trial(row, arrays)
                 counts[row["status"]] += 1
                 plugins.notify_trial_finished(by_key[row["key"]].to_dict(), row)
@@ -291,6 +296,36 @@ def run_study(
         if bar is not None:
             bar.close()
     return counts
+
+
+def merge_utility(row: dict[str, Any], util: dict[str, Any]) -> None:
+    """The trial row gets its training run's utility and ε (and, in a federation, the attacked
+    client's ε at the attacked round and where the noise sat relative to the observation)."""
+    row["test_acc"], row["epsilon"] = util.get("test_acc"), util.get("epsilon")
+    extra = util.get("extra") or {}
+    if row.get("round") is None or not extra:
+        return
+    row["epsilon_round"] = (extra.get("epsilon_at") or {}).get(f"{row['round']}:{row.get('client')}")
+    dp = extra.get("dp") or {}
+    row["extra"] = {**(row.get("extra") or {}), "dp_level": dp.get("level"), "delta": dp.get("delta"),
+                    "accountant": dp.get("accountant"), "noise_position": extra.get("noise_position")}
+
+
+def _runs_failed(todo: list[Trial], store: Store) -> tuple[list[Trial], list[tuple[Trial, dict[str, Any]]]]:
+    """Split federated trials whose training run failed off the list, each with its error row."""
+    from defenda.harness.trial import failed_trial
+
+    keep, lost = [], []
+    for t in todo:
+        util = store.utility(t.utility_key) if t.round is not None else None
+        if util is not None and util.get("status") != "ok":
+            row, _ = failed_trial(t, f"training run failed: {util.get('reason')}", "defenda")
+            row["error_type"] = "TrainingRunFailed"
+            merge_utility(row, util)
+            lost.append((t, row))
+        else:
+            keep.append(t)
+    return keep, lost
 
 
 def interleave(trials: list[Trial]) -> list[Trial]:

@@ -30,12 +30,16 @@ TRIAL_COLUMNS = (
     "key", "study", "task", "attack", "defense", "strength", "params", "batch_size", "seed",
     "status", "reason", "error_type", "plugin", *METRIC_COLUMNS, "test_acc", "epsilon",
     "attack_seconds", "trial_seconds", "server", "knowledge", "versions", "extra", "utility_key", "finished_at",
+    # the federation (empty for the single-client protocol): the attacked round, the client (-1 for an
+    # aggregate), the samples behind the update, the clients aggregated in it, the client's ε at that round
+    "round", "client", "num_samples", "aggregation_size", "epsilon_round",
 )
 UTILITY_COLUMNS = ("key", "task", "defense", "strength", "params", "seed", "status", "reason", "test_acc",
-                   "epsilon", "seconds", "finished_at")
+                   "epsilon", "seconds", "finished_at", "extra")
 
-_REAL = set(METRIC_COLUMNS) | {"strength", "test_acc", "epsilon", "attack_seconds", "trial_seconds", "seconds"}
-_INT = {"batch_size", "seed"}
+_REAL = set(METRIC_COLUMNS) | {"strength", "test_acc", "epsilon", "attack_seconds", "trial_seconds", "seconds",
+                               "epsilon_round"}
+_INT = {"batch_size", "seed", "round", "client", "num_samples", "aggregation_size"}
 
 
 def _ddl(table: str, columns: tuple[str, ...]) -> str:
@@ -92,11 +96,21 @@ class Store:
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             self.db.execute(_ddl("trials", TRIAL_COLUMNS))
             self.db.execute(_ddl("utility", UTILITY_COLUMNS))
+            self._add_missing_columns()
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('created_by', ?)", (f"defenda {__version__}",))
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.dir / 'results.sqlite'}: not a usable results file ({exc}); "
                              f"move it away or choose another --out") from None
+
+    def _add_missing_columns(self) -> None:
+        """A store written before the federation columns existed gains them (empty for its rows)."""
+        for table, columns in (("trials", TRIAL_COLUMNS), ("utility", UTILITY_COLUMNS)):
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for c in columns:
+                if c not in have:
+                    tp = "REAL" if c in _REAL else "INTEGER" if c in _INT else "TEXT"
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {c} {tp}")
 
     def _check_version(self) -> None:
         try:
@@ -127,7 +141,21 @@ class Store:
 
     def utility(self, key: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM utility WHERE key=?", (key,)).fetchone()
-        return dict(row) if row else None
+        if not row:
+            return None
+        out = dict(row)
+        out["extra"] = json.loads(out["extra"]) if out.get("extra") else {}
+        return out
+
+    def utility_frame(self) -> Any:
+        """All utility rows (one per training run) as a pandas DataFrame (JSON columns decoded)."""
+        import pandas as pd
+
+        df = pd.read_sql_query("SELECT * FROM utility ORDER BY rowid", self.db)
+        for col in ("params", "extra"):
+            if col in df:
+                df[col] = df[col].map(lambda v: json.loads(v) if isinstance(v, str) and v else None)
+        return df
 
     def _insert(self, table: str, columns: tuple[str, ...], row: dict[str, Any]) -> None:
         values = [_encode(row.get(c)) for c in columns]

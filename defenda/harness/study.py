@@ -18,6 +18,7 @@ from typing import Any
 
 from defenda.compose import component_names, is_composed
 from defenda.errors import DefendaError, ParamError, StudyError
+from defenda.federation.settings import FEDERATION_KEYS, FederationSettings
 from defenda.harness.jobs import Federation, Trial, UtilityJob, stable_hash
 from defenda.params import as_dict, build_params, describe, strength_param
 from defenda.records import KNOWLEDGE_FLAGS
@@ -73,6 +74,8 @@ class Study:
     attacks: list[PluginConfig]
     defenses: list[PluginConfig]
     source: str = "<dict>"
+    #: the federations of a ``[federation]`` table (its sweeps expanded); None: the single-client protocol
+    federations: list[FederationSettings] | None = None
 
     @property
     def name(self) -> str:
@@ -82,6 +85,12 @@ class Study:
         """Every cell of the grid as a trial with a stable ``key``."""
         s = self.settings
         out = []
+        if self.federations is not None:
+            for task, fs, attack, defense in itertools.product(self.tasks, self.federations, self.attacks,
+                                                               self.defenses):
+                for bs, seed in itertools.product(attack.batch_sizes or (fs.local_batch_size,), s["seeds"]):
+                    out.extend(federated_trials(s, task, fs.with_batch_size(bs), attack, defense, seed))
+            return out
         for task, attack, defense in itertools.product(self.tasks, self.attacks, self.defenses):
             for bs, seed in itertools.product(attack.batch_sizes or s["batch_sizes"], s["seeds"]):
                 out.append(make_trial(s, task, attack, defense, bs, seed))
@@ -105,6 +114,67 @@ def make_trial(s: dict[str, Any], task: PluginConfig, attack: PluginConfig, defe
                   server=s["server"], knowledge=tuple(sorted(s["knowledge"])), utility=utility,
                   timeout=s["timeout"], save_reconstructions=s["save_reconstructions"])
     return dataclasses.replace(trial, key=stable_hash(trial.ident()))
+
+
+def federated_trials(s: dict[str, Any], task: PluginConfig, fs: FederationSettings, attack: PluginConfig,
+                     defense: PluginConfig, seed: int) -> list[Trial]:
+    """The trials of one training run in a federation: each attack round × each target client."""
+    utility = UtilityJob(key="", task=task.name, task_params=task.params, defense=defense.name,
+                         defense_params=defense.params, strength=defense.strength, seed=seed, federation=fs)
+    utility = dataclasses.replace(utility, key=stable_hash(utility.ident()))
+    out = []
+    for r in fs.observed_rounds:
+        for target in range(fs.targets_per_round):
+            trial = Trial(key="", study=s["name"], attack=attack.name, attack_params=attack.params,
+                          batch_size=fs.local_batch_size, server=s["server"], knowledge=tuple(sorted(s["knowledge"])),
+                          utility=utility, timeout=s["timeout"], save_reconstructions=s["save_reconstructions"],
+                          round=r, target=target)
+            out.append(dataclasses.replace(trial, key=stable_hash(trial.ident())))
+    return out
+
+
+#: [study] keys of the single-client protocol that a [federation] table replaces
+_SINGLE_CLIENT_KEYS = {"rounds": "rounds", "client_batch_size": "local_batch_size", "lr": "lr", "update": "update",
+                       "local_steps": "local_epochs", "delta": "delta", "batch_sizes": "local_batch_size"}
+
+
+def _parse_federation(raw: Any, study_table: dict[str, Any], source: str) -> list[FederationSettings]:
+    """The [federation] table: every key may be a list (a sweep; for attack_rounds a list of lists)."""
+    if not isinstance(raw, dict):
+        raise _fail(source, "[federation]", "must be a table")
+    for key in study_table:
+        if key in _SINGLE_CLIENT_KEYS:
+            raise _fail(source, f"[study] key '{key}'", f"with a [federation] table, set "
+                        f"'{_SINGLE_CLIENT_KEYS[key]}' in [federation] (or batch_sizes in an [[attacks]] table)")
+    axes: dict[str, list[Any]] = {}
+    for key, value in raw.items():
+        if key not in FEDERATION_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(FEDERATION_KEYS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise _fail(source, f"[federation] key '{key}'", f"unknown key{hint}; allowed: {', '.join(FEDERATION_KEYS)}")
+        if key == "attack_rounds":
+            sweep = isinstance(value, list) and bool(value) and isinstance(value[0], list)
+            axes[key] = [tuple(v) if isinstance(v, list) else v for v in value] if sweep else \
+                [tuple(value) if isinstance(value, list) else value]
+        elif isinstance(value, list):
+            if not value:
+                raise _fail(source, f"[federation] key '{key}'", "is an empty sweep; give at least one value")
+            axes[key] = value
+        else:
+            axes[key] = [value]
+    out = []
+    for combo in itertools.product(*axes.values()) if axes else [()]:
+        values = dict(zip(axes, combo))
+        if isinstance(values.get("alpha"), int) or isinstance(values.get("lr"), int):
+            values = {k: float(v) if k in ("alpha", "lr", "server_lr", "delta") and isinstance(v, int)
+                      and not isinstance(v, bool) else v for k, v in values.items()}
+        try:
+            out.append(FederationSettings(**values))
+        except (ValueError, TypeError) as exc:
+            raise _fail(source, "[federation]", str(exc)) from None
+    return out
 
 
 def load_study(path: str | Path, registry: Registry) -> Study:
@@ -140,11 +210,11 @@ def _fail(source: str, where: str, what: str) -> StudyError:
 def _parse(raw: Any, registry: Registry, source: str) -> Study:
     if not isinstance(raw, dict):
         raise _fail(source, "top level", "a study must be a table with [study], [task], [[attacks]], [[defenses]]")
-    allowed = {"study", *PLUGIN_SECTIONS}
+    allowed = {"study", "federation", *PLUGIN_SECTIONS}
     for key in raw:
         if key not in allowed:
-            raise _fail(source, f"[{key}]", "unknown section; allowed: [study], [task] (or [[tasks]]), "
-                                            "[[attacks]], [[defenses]]")
+            raise _fail(source, f"[{key}]", "unknown section; allowed: [study], [federation], [task] (or "
+                                            "[[tasks]]), [[attacks]], [[defenses]]")
     if "task" in raw and "tasks" in raw:
         raise _fail(source, "[task]", "give either [task] or [[tasks]], not both")
     settings = _parse_settings(raw.get("study", {}), source)
@@ -154,7 +224,10 @@ def _parse(raw: Any, registry: Registry, source: str) -> Study:
     tasks = _parse_plugin_tables(task_tables, "tasks", "task", registry, source)
     attacks = _parse_plugin_tables(raw.get("attacks"), "attacks", "attack", registry, source)
     defenses = _parse_plugin_tables(raw.get("defenses", [{"name": "none"}]), "defenses", "defense", registry, source)
-    return Study(settings, tasks, attacks, defenses, source)
+    federations = None
+    if "federation" in raw:
+        federations = _parse_federation(raw["federation"], raw.get("study", {}), source)
+    return Study(settings, tasks, attacks, defenses, source, federations)
 
 
 def _parse_settings(table: Any, source: str) -> dict[str, Any]:
@@ -323,6 +396,12 @@ def check_against_data(study: Study, registry: Registry) -> list[str]:
                 continue
             raise StudyError(f"{study.source}: [task] '{task.name}': {exc}") from None
         n = len(data.train[0])
+        if study.federations is not None:
+            for fs in study.federations:
+                if fs.clients > n:
+                    raise StudyError(f"{study.source}: [federation] clients = {fs.clients} is more than task "
+                                     f"'{task.name}' has training samples ({n}); use fewer clients")
+            continue
         for defense in study.defenses:
             chosen = make_defense(registry, defense.name, defense.params)
             wanted = {b for a in study.attacks for b in (a.batch_sizes or study.settings["batch_sizes"])}

@@ -22,8 +22,9 @@ from torch import nn
 from defenda.compose import make_defense
 from defenda.contracts import reconstruction_problems, update_problems
 from defenda.errors import UnsupportedError
+from defenda.federation.settings import FederationSettings
 from defenda.grants import grant_knowledge
-from defenda.harness.jobs import Trial
+from defenda.harness.jobs import Federation, Trial
 from defenda.harness.services import StageError, defense_plugin, in_plugin, load_task, resolve_device
 from defenda.harness.store import METRIC_COLUMNS
 from defenda.harness.utility import accounting_for, now
@@ -46,6 +47,9 @@ class Victim:
     y: torch.Tensor
     generator: torch.Generator
     knowledge: Knowledge
+    #: in a federation: the update the server observed (read, not recomputed) and the row's facts
+    observed: SharedUpdate | None = None
+    facts: dict[str, Any] | None = None
 
 
 def _sample_batch(data: TaskData, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
@@ -73,7 +77,8 @@ def skip_reason(attack: Attack, trial: Trial, data: TaskData) -> str | None:
 
 
 def prepare(plugins: Plugins, trial: Trial, device: torch.device) -> Victim:
-    """Load the task, build the (possibly malicious) model, calibrate the defense, draw the victim batch."""
+    """Load the task, build the (possibly malicious) model, calibrate the defense, draw the victim batch
+    — or, in a federation, load the observed round (:func:`defenda.harness.federated.prepare_federated`)."""
     reg = plugins.registry
     task_plugin = reg.get("task", trial.task).origin.plugin
     task, data = in_plugin(task_plugin, load_task, reg, trial.task, trial.task_params)
@@ -86,27 +91,45 @@ def prepare(plugins: Plugins, trial: Trial, device: torch.device) -> Victim:
         raise UnsupportedError(f"{trial.attack}: {reason}")
     torch.manual_seed(trial.seed)
     model = in_plugin(task_plugin, task.build_model, data)
-    if attack.requires.server == "malicious":
-        model = in_plugin(a_entry.origin.plugin, attack.prepare_model, model, data)
-    model = model.to(device)
-    size = in_plugin(d_plugin, defense.client_batch_size, trial.batch_size)
-    accounting = accounting_for(trial.federation, defense, len(data.train[0]))
-    in_plugin(d_plugin, defense.calibrate, **accounting.calibrate_args())
-    x, y, gen = _sample_batch(data, size, trial.seed)
-    x, y = x.to(device), y.to(device)
+    malicious = attack.requires.server == "malicious"
+    observed, facts = None, None
+    if trial.round is not None:
+        from defenda.harness.federated import calibrate_for, prepare_federated
+
+        fs = trial.federation
+        assert isinstance(fs, FederationSettings)
+        in_plugin(d_plugin, calibrate_for, defense, fs, len(data.train[0]))
+        model, case = prepare_federated(trial, data, model.to(device), defense, a_entry.origin.plugin, malicious,
+                                        attack.prepare_model)
+        x, y, gen, observed, facts = case.x, case.y, torch.Generator(), case.update, case.facts
+    else:
+        if malicious:
+            model = in_plugin(a_entry.origin.plugin, attack.prepare_model, model, data)
+        model = model.to(device)
+        size = in_plugin(d_plugin, defense.client_batch_size, trial.batch_size)
+        accounting = accounting_for(trial.federation, defense, len(data.train[0]))  # type: ignore[arg-type]
+        in_plugin(d_plugin, defense.calibrate, **accounting.calibrate_args())
+        x, y, gen = _sample_batch(data, size, trial.seed)
+        x, y = x.to(device), y.to(device)
     knowledge = grant_knowledge(trial.knowledge, data, model, y, lr=trial.federation.lr, device=device,
                                 seed=trial.seed, cache_dir=trial.cache_dir)
     why = in_plugin(a_entry.origin.plugin, attack.check, model, data, knowledge)
     if why:
         raise UnsupportedError(f"{trial.attack}: {why}")
-    return Victim(data, attack, a_entry.origin.plugin, defense, d_plugin, model, x, y, gen, knowledge)
+    return Victim(data, attack, a_entry.origin.plugin, defense, d_plugin, model, x, y, gen, knowledge,
+                  observed, facts)
 
 
 def observe(trial: Trial, v: Victim) -> SharedUpdate:
     """The defended update the client shares, checked against the update contract."""
-    v.model.train()
-    update = in_plugin(v.defense_plugin, v.defense.client_update, v.model, v.x, v.y,
-                       trial.federation.round_settings, v.generator)
+    if v.observed is not None:  # a federation: what the server received in that round
+        update = v.observed
+    else:
+        v.model.train()
+        fed = trial.federation
+        assert isinstance(fed, Federation)
+        update = in_plugin(v.defense_plugin, v.defense.client_update, v.model, v.x, v.y, fed.round_settings,
+                           v.generator)
     problems = update_problems(update, v.model)
     if problems:
         raise StageError(v.defense_plugin, ValueError(f"client_update() {problems[0]}"))
@@ -155,6 +178,9 @@ def _attack_trial(plugins: Plugins, trial: Trial,
     recon, attack_seconds = attack(trial, v, update)
     values, extra, matched, xm, _ = score(plugins, v.x, v.y, recon, v.data)
     values["batch_size"] = len(v.x)  # what the client really used (large-batch defenses change it)
+    if v.facts:
+        values.update({k: v.facts[k] for k in ("round", "client", "num_samples", "aggregation_size")})
+        extra["observation"] = {"local_steps": v.facts["local_steps"], "clients": v.facts["clients"]}
     extra["attack_info"] = _jsonable(recon.info)
     arrays = None
     if v.data.kind == "image" and trial.save_reconstructions:
@@ -189,13 +215,18 @@ def run_trial(trial: Trial, device: str = "cpu") -> tuple[dict[str, Any], dict[s
 def base_row(trial: Trial, plugins: Plugins) -> dict[str, Any]:
     """The row's identifying columns (the store's schema, see :mod:`defenda.harness.store`)."""
     fed = trial.federation
+    params: dict[str, Any] = {"task": trial.task_params, "attack": trial.attack_params,
+                              "defense": trial.defense_params, "update": fed.update, "lr": fed.lr}
+    if isinstance(fed, FederationSettings):
+        params["federation"] = fed.to_dict()
+        params["target"] = trial.target
+    else:
+        params["local_steps"] = fed.local_steps
     return {
         "key": trial.key, "study": trial.study, "task": trial.task, "attack": trial.attack,
         "defense": trial.defense, "strength": trial.strength, "batch_size": trial.batch_size, "seed": trial.seed,
         "server": trial.server, "knowledge": list(trial.knowledge), "utility_key": trial.utility_key,
-        "params": {"task": trial.task_params, "attack": trial.attack_params, "defense": trial.defense_params,
-                   "update": fed.update, "local_steps": fed.local_steps, "lr": fed.lr},
-        "versions": plugins.versions(),
+        "params": params, "versions": plugins.versions(), "round": trial.round,
     }
 
 

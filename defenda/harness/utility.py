@@ -58,6 +58,7 @@ def measure_utility(plugins: Plugins, job: UtilityJob, device: torch.device) -> 
     task, data = load_task(plugins.registry, job.task, job.task_params)
     defense = make_defense(plugins.registry, job.defense, job.defense_params)
     fed = job.federation
+    assert isinstance(fed, Federation)
     torch.manual_seed(job.seed)
     model = task.build_model(data).to(device)
     accounting = accounting_for(fed, defense, len(data.train[0]))
@@ -73,13 +74,25 @@ def _row(job: UtilityJob) -> dict[str, Any]:
             "params": job.defense_params, "seed": job.seed}
 
 
-def run_utility(job: UtilityJob, device: str = "cpu") -> dict[str, Any]:
-    """Run one training run; never raises: a failure becomes an ``error`` row."""
+def run_utility(job: UtilityJob, device: str = "cpu", out_dir: str | None = None) -> dict[str, Any]:
+    """Run one training run; never raises: a failure becomes an ``error`` row.
+
+    In a federation the run also writes its observations under ``out_dir`` (see
+    :mod:`defenda.harness.federated`) and its row carries the run's record in ``extra``.
+    """
     t0 = time.perf_counter()
     row = _row(job)
     try:
-        acc, eps = measure_utility(get_plugins(), job, resolve_device(device))
-        row.update(status="ok", reason="", test_acc=acc, epsilon=eps)
+        if job.federated:
+            from defenda.harness.federated import measure_federation
+
+            if out_dir is None:
+                raise ValueError("a federated training run needs the output directory for its observations")
+            acc, eps, extra = measure_federation(get_plugins(), job, resolve_device(device), out_dir)
+            row.update(status="ok", reason="", test_acc=acc, epsilon=eps, extra=extra)
+        else:
+            acc, eps = measure_utility(get_plugins(), job, resolve_device(device))
+            row.update(status="ok", reason="", test_acc=acc, epsilon=eps)
     except Exception as exc:
         row.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
     row["seconds"] = time.perf_counter() - t0

@@ -1,0 +1,123 @@
+"""The harness side of a real federation: the training-run job, and the trial that reads its observations.
+
+A training run (:func:`run_training`) simulates the study's federation under one
+defense (:func:`defenda.federation.run.run_federation`), writes the observations
+of its attack rounds under ``DIR/runs/<run key>/`` and returns its utility row:
+test accuracy per round and at the end, and the DP accounting of that same run.
+A trial (:func:`prepare_federated`) loads one observation: the global model θ_r,
+the update the server observed (or, for a malicious server, the update the same
+clients compute on the attacker's model), and the ground truth to score against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from defenda.compose import make_defense
+from defenda.errors import UnsupportedError
+from defenda.federation.accounting import client_level_epsilon, ledger_epsilon
+from defenda.federation.run import Observation, RunResult, plan_of, replay_unit, run_federation
+from defenda.federation.settings import FederationSettings
+from defenda.harness.observations import load_observation, observation_path, save_observation
+from defenda.harness.services import in_plugin, load_task
+from defenda.plugins import Plugins
+
+if TYPE_CHECKING:
+    from defenda.harness.jobs import Trial, UtilityJob
+    from defenda.interfaces import Defense
+    from defenda.records import SharedUpdate
+
+
+def _settings(job: UtilityJob | Trial) -> FederationSettings:
+    fs = job.federation
+    assert isinstance(fs, FederationSettings)
+    return fs
+
+
+def calibrate_for(defense: Defense, fs: FederationSettings, n_train: int) -> None:
+    """Target-ε calibration for the expected ledger of a client: ``rounds·K/N`` participations of
+    ``steps_for(n̄)`` local steps at rate b/n̄ (n̄ = mean client size). An approximation, documented:
+    the realised participations vary by client."""
+    n_mean = max(1, n_train // fs.clients)
+    b = min(defense.client_batch_size(fs.local_batch_size), n_mean)
+    participations = max(1, math.ceil(fs.rounds * fs.clients_per_round / fs.clients))
+    steps_per = 1 if fs.update == "gradient" else fs.local_epochs * math.ceil(n_mean / b)
+    defense.calibrate(steps=participations * steps_per, sample_rate=b / n_mean, delta=fs.delta, local_steps=1)
+
+
+def epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation) -> dict[str, float]:
+    """ε of each observed client of ``obs`` after that round, keyed ``"<round>:<client>"``
+    (sample level: the client's ledger so far; client level: the rounds so far)."""
+    out = {}
+    z = result.client_epsilon_noise
+    for k, c in obs.clients.items():
+        if z is not None:
+            eps = client_level_epsilon(z, fs.clients_per_round / fs.clients, obs.round + 1, fs.delta)
+        elif result.ledger.entries(k):
+            eps = ledger_epsilon(result.ledger.entries(k)[:c.ledger_entries], fs.delta)
+        else:
+            continue
+        out[f"{obs.round}:{k}"] = eps
+    return out
+
+
+def measure_federation(plugins: Plugins, job: UtilityJob, device: torch.device,
+                       out_dir: str) -> tuple[float, float | None, dict[str, Any]]:
+    """Run the job's federation; store its observations; test accuracy, ε and the run's record."""
+    from defenda.federation.run import run_epsilon
+
+    fs = _settings(job)
+    task, data = load_task(plugins.registry, job.task, job.task_params)
+    defense = make_defense(plugins.registry, job.defense, job.defense_params)
+    calibrate_for(defense, fs, len(data.train[0]))
+    result = run_federation(data, lambda: task.build_model(data), defense, fs, seed=job.seed, device=device)
+    eps_at: dict[str, float] = {}
+    for obs in result.observations:
+        save_observation(observation_path(out_dir, job.key, obs.round), obs)
+        eps_at.update(epsilon_at(result, fs, obs))
+    dp = run_epsilon(result, defense, fs)
+    extra = {"accuracy": [[r, a] for r, a in result.accuracy], "partition_hash": result.partition_hash,
+             "client_sizes": result.client_sizes, "skipped_rounds": result.skipped_rounds,
+             "dp": dp, "epsilon_at": eps_at, "noise_position": defense.noise_position(),
+             "hides_client_updates": defense.hides_client_updates, "federation": fs.to_dict(),
+             "participations": {str(k): result.ledger.participations(k) for k in range(fs.clients)
+                                if result.ledger.participations(k)}}
+    return result.test_acc, (dp or {}).get("epsilon"), extra
+
+
+@dataclass
+class ObservedCase:
+    """What one federated trial attacks and is scored against."""
+
+    update: SharedUpdate
+    x: torch.Tensor
+    y: torch.Tensor
+    facts: dict[str, Any]
+
+
+def prepare_federated(trial: Trial, data: Any, model: torch.nn.Module, defense: Defense,
+                      attack_plugin: str, malicious: bool, prepare_model: Any) -> tuple[torch.nn.Module, ObservedCase]:
+    """Load the trial's observation: θ_r into ``model``, the observed (or replayed) update, the truth."""
+    fs = _settings(trial)
+    assert trial.out_dir is not None and trial.round is not None
+    obs = load_observation(observation_path(trial.out_dir, trial.utility_key, trial.round))
+    if trial.target >= len(obs.units):
+        what = "one aggregate (the defense hides client updates)" if obs.hidden else f"{len(obs.units)} client(s)"
+        raise UnsupportedError(f"round {trial.round}: the server observed {what}; no target #{trial.target}")
+    unit = obs.units[trial.target]
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in obs.model_state.items()})
+    update = unit.update
+    if malicious:
+        model = in_plugin(attack_plugin, prepare_model, model, data).to(device)
+        defense.join_federation(plan_of(fs))
+        update = replay_unit(obs, unit, model, defense, fs)
+    x, y = obs.truth(unit)
+    facts = {"round": obs.round, "client": unit.clients[0] if len(unit.clients) == 1 else -1,
+             "num_samples": len(x), "aggregation_size": len(unit.clients),
+             "local_steps": update.local_steps, "clients": unit.clients}
+    return model, ObservedCase(update, x.to(device), y.to(device), facts)
