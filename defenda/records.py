@@ -37,6 +37,7 @@ TaskKind = Literal["image", "tabular"]
 UPDATE_KINDS: tuple[str, ...] = ("gradient", "delta")
 SERVER_KINDS: tuple[str, ...] = ("honest", "malicious")
 TASK_KINDS: tuple[str, ...] = ("image", "tabular")
+OBSERVATION_KINDS: tuple[str, ...] = ("client", "aggregate")
 #: Knowledge flags an attacker may be granted (each a column of the trial's row).
 KNOWLEDGE_FLAGS: tuple[str, ...] = ("labels", "batch_size", "bn_stats", "public_data", "lr", "gradient_history")
 
@@ -322,12 +323,16 @@ class Requirements:
     :ivar updates: update kinds the attack understands (from :data:`UPDATE_KINDS`).
     :ivar knowledge: flags from :data:`KNOWLEDGE_FLAGS` the study must grant.
     :ivar task_kinds: task kinds the attack handles (from :data:`TASK_KINDS`).
+    :ivar observations: what the server may have observed: ``"client"`` (one client's
+        update) and/or ``"aggregate"`` (only the sum over a round's clients, secure
+        aggregation: the attack then faces the union of their samples).
     """
 
     server: ServerKind = "honest"
     updates: frozenset[str] = frozenset({"gradient"})
     knowledge: frozenset[str] = frozenset()
     task_kinds: frozenset[str] = frozenset({"image", "tabular"})
+    observations: frozenset[str] = frozenset({"client", "aggregate"})
 
     def __post_init__(self) -> None:
         self._check()
@@ -337,7 +342,7 @@ class Requirements:
             raise ValueError(f"Requirements{_declaring_class()}: server {self.server!r} is not one of "
                              f"{list(SERVER_KINDS)}")
         for name, allowed in (("updates", UPDATE_KINDS), ("knowledge", KNOWLEDGE_FLAGS),
-                              ("task_kinds", TASK_KINDS)):
+                              ("task_kinds", TASK_KINDS), ("observations", OBSERVATION_KINDS)):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (set, frozenset, list, tuple)):
                 raise ValueError(f"Requirements{_declaring_class()}: {name} must be a set of strings, "

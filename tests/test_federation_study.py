@@ -160,3 +160,22 @@ def test_a_failed_training_run_gives_its_trials_error_rows(registry, tmp_path: P
     assert counts["error"] == 2
     rows = _rows(tmp_path / "out", "SELECT reason, error_type FROM trials")
     assert all("training run failed: RuntimeError: diverged" in r["reason"] for r in rows)
+
+
+def test_an_attack_that_needs_one_client_is_skipped_under_secure_aggregation(registry) -> None:
+    from defenda import Attack, Requirements
+    from defenda.harness.trial import skip_reason
+
+    class OneClientOnly(Attack):
+        name = "one-client-only"
+        requires = Requirements(observations=frozenset({"client"}))
+
+    study = parse_study(_study(), registry)
+    trial = study.trials()[0]
+    _, data = __import__("defenda.harness.services", fromlist=["load_task"]).load_task(
+        registry, trial.task, trial.task_params)
+    secagg = registry.get("defense", "secure-aggregation").cls()
+    assert "only the aggregate" in skip_reason(OneClientOnly(), trial, data, secagg)
+    assert skip_reason(OneClientOnly(), trial, data, registry.get("defense", "none").cls()) is None
+    with pytest.raises(ValueError, match="unknown observations"):
+        Requirements(observations=frozenset({"sum"}))

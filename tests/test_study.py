@@ -9,7 +9,7 @@ import pytest
 
 from conftest import TINY_STUDY
 from defenda.errors import StudyError
-from defenda.harness.study import default_study_path, load_study, parse_study
+from defenda.harness.study import builtin_studies, default_study_path, load_study, parse_study
 from defenda.plugins import load_plugins
 
 
@@ -23,9 +23,13 @@ def test_default_study_parses(registry) -> None:
     assert study.name == "default"
     trials = study.trials()
     n_def = sum(1 for _ in study.defenses)
-    assert len(trials) == len(study.tasks) * len(study.attacks) * n_def * len(study.settings["batch_sizes"]) \
-        * len(study.settings["seeds"])
+    rounds = len(study.federations[0].observed_rounds)  # a real federation: every attack at each attack round
+    assert len(trials) == len(study.tasks) * len(study.attacks) * n_def * rounds * len(study.settings["seeds"])
     assert len({t.key for t in trials}) == len(trials)
+    single = load_study(builtin_studies()["single-client"], registry)  # the 0.1 protocol, kept
+    assert single.federations is None
+    assert len(single.trials()) == len(single.tasks) * len(single.attacks) * sum(1 for _ in single.defenses) \
+        * len(single.settings["batch_sizes"]) * len(single.settings["seeds"])
 
 
 def test_list_values_are_sweeps_and_keys_are_stable(registry) -> None:

@@ -309,8 +309,13 @@ def run_epsilon(result: RunResult, defense: Defense, fs: FederationSettings,
         return out
     if not any(result.ledger.entries(k) for k in range(fs.clients)):
         return None
-    out = {"level": "sample", "accountant": accountant, "delta": fs.delta,
-           "epsilon": result.ledger.max_epsilon(fs.delta, accountant)}
+    from defenda.federation.accounting import ledger_accounting
+
+    per_client = [ledger_accounting(result.ledger.entries(k), fs.delta, accountant) for k in result.ledger.clients()]
+    # the accountant that produced each ε (PRV falls back to RDP where its grid would be too large)
+    used = sorted({e.accountant for e in per_client})
+    out = {"level": "sample", "accountant": "+".join(used), "delta": fs.delta,
+           "epsilon": max(e.value for e in per_client)}
     if client is not None:
         out["epsilon_client"] = result.ledger.epsilon(client, fs.delta, accountant)
     return out

@@ -49,7 +49,7 @@ def calibrate_for(defense: Defense, fs: FederationSettings, n_train: int) -> Non
     defense.calibrate(steps=participations * steps_per, sample_rate=b / n_mean, delta=fs.delta, local_steps=1)
 
 
-def epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation) -> dict[str, float]:
+def epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation, accountant: str = "rdp") -> dict[str, float]:
     """ε of each observed client of ``obs`` after that round, keyed ``"<round>:<client>"``
     (sample level: the client's ledger so far; client level: the rounds so far)."""
     out = {}
@@ -58,7 +58,7 @@ def epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation) -> d
         if z is not None:
             eps = client_level_epsilon(z, fs.clients_per_round / fs.clients, obs.round + 1, fs.delta)
         elif result.ledger.entries(k):
-            eps = ledger_epsilon(result.ledger.entries(k)[:c.ledger_entries], fs.delta)
+            eps = ledger_epsilon(result.ledger.entries(k)[:c.ledger_entries], fs.delta, accountant)
         else:
             continue
         out[f"{obs.round}:{k}"] = eps
@@ -78,7 +78,7 @@ def measure_federation(plugins: Plugins, job: UtilityJob, device: torch.device,
     eps_at: dict[str, float] = {}
     for obs in result.observations:
         save_observation(observation_path(out_dir, job.key, obs.round), obs)
-        eps_at.update(epsilon_at(result, fs, obs))
+        eps_at.update(epsilon_at(result, fs, obs, defense.ledger_accountant()))
     dp = run_epsilon(result, defense, fs)
     extra = {"accuracy": [[r, a] for r, a in result.accuracy], "partition_hash": result.partition_hash,
              "client_sizes": result.client_sizes, "skipped_rounds": result.skipped_rounds,

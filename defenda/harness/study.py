@@ -156,8 +156,11 @@ def _parse_federation(raw: Any, study_table: dict[str, Any], source: str) -> lis
             raise _fail(source, f"[federation] key '{key}'", f"unknown key{hint}; allowed: {', '.join(FEDERATION_KEYS)}")
         if key == "attack_rounds":
             sweep = isinstance(value, list) and bool(value) and isinstance(value[0], list)
-            axes[key] = [tuple(v) if isinstance(v, list) else v for v in value] if sweep else \
-                [tuple(value) if isinstance(value, list) else value]
+            if not isinstance(value, (list, int)) or isinstance(value, bool):
+                raise _fail(source, f"[federation] key '{key}'", f"expected a list of rounds, e.g. [0, 99], "
+                                                                 f"got {value!r}")
+            axes[key] = [tuple(v) if isinstance(v, list) else (v,) for v in value] if sweep else \
+                [tuple(value) if isinstance(value, list) else (value,)]
         elif isinstance(value, list):
             if not value:
                 raise _fail(source, f"[federation] key '{key}'", "is an empty sweep; give at least one value")
@@ -226,7 +229,11 @@ def _parse(raw: Any, registry: Registry, source: str) -> Study:
     defenses = _parse_plugin_tables(raw.get("defenses", [{"name": "none"}]), "defenses", "defense", registry, source)
     federations = None
     if "federation" in raw:
-        federations = _parse_federation(raw["federation"], raw.get("study", {}), source)
+        # [[federation]] (an array of tables): several protocols in one study, each with its own sweeps
+        tables = raw["federation"] if isinstance(raw["federation"], list) else [raw["federation"]]
+        federations = [fs for t in tables for fs in _parse_federation(t, raw.get("study", {}), source)]
+        if len(set(federations)) != len(federations):
+            raise _fail(source, "[[federation]]", "two tables give the same federation; remove the duplicate")
     return Study(settings, tasks, attacks, defenses, source, federations)
 
 

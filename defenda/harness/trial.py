@@ -61,9 +61,12 @@ def _sample_batch(data: TaskData, size: int, seed: int) -> tuple[torch.Tensor, t
     return x[idx], y[idx], gen
 
 
-def skip_reason(attack: Attack, trial: Trial, data: TaskData) -> str | None:
+def skip_reason(attack: Attack, trial: Trial, data: TaskData, defense: Defense | None = None) -> str | None:
     """Why the declared requirements of ``attack`` cannot be met in this cell, or None."""
     req = attack.requires
+    if defense is not None and defense.hides_client_updates and trial.round is not None \
+            and "aggregate" not in req.observations:
+        return "needs one client's update; under secure aggregation the server observes only the aggregate"
     if req.server == "malicious" and trial.server != "malicious":
         return "needs a malicious server (set server = \"malicious\" in [study])"
     if trial.federation.update not in req.updates:
@@ -86,7 +89,7 @@ def prepare(plugins: Plugins, trial: Trial, device: torch.device) -> Victim:
     attack: Attack = a_entry.cls(trial.attack_params)
     defense = make_defense(reg, trial.defense, trial.defense_params)
     d_plugin = defense_plugin(reg, trial.defense)
-    reason = skip_reason(attack, trial, data)
+    reason = skip_reason(attack, trial, data, defense)
     if reason:
         raise UnsupportedError(f"{trial.attack}: {reason}")
     torch.manual_seed(trial.seed)
