@@ -238,6 +238,22 @@ class BadSweep(_Broken):
                 raise ValueError("level must be >= 0")
 
 
+class HeavyWeights(_Broken):
+    """Weights that sum to more than one."""
+
+    def aggregation_weights(self, sizes):  # noqa: ANN001, ANN201
+        return [1.0 for _ in sizes]
+
+
+class BadSecureSum(_Broken):
+    """Hides client updates but decodes an aggregate with a tensor missing."""
+
+    hides_client_updates = True
+
+    def secure_aggregate(self, updates, weights, generator=None):  # noqa: ANN001, ANN201
+        return updates[0].replace(updates[0].tensors[:-1])
+
+
 class NoStrength(Defense):
     """Declares no strength."""
 
@@ -254,6 +270,8 @@ class NoStrength(Defense):
     (WrongShapes, "update tensors do not match the model's parameters"),
     (BadSweep, "default_sweep value -1.0 is not a valid level"),
     (NoStrength, "declares no strength field"),
+    (HeavyWeights, "aggregation_weights"),
+    (BadSecureSum, "secure_aggregate"),
 ])
 def test_check_defense_reports_broken_defenses(cls: type, message: str) -> None:
     with pytest.raises(AssertionError, match=message) as info:

@@ -44,7 +44,9 @@ def check_defense(
     returns a :class:`SharedUpdate` aligned with ``model.named_parameters()``, finite,
     detached, of the requested kind, with well-shaped ``masks``; leaves the model
     untouched; gives identical tensors for the same seed; runs within ``budget_s``
-    each; ``client_batch_size`` and ``epsilon`` return sensible values.
+    each; ``client_batch_size`` and ``epsilon`` return sensible values; in a federation the
+    aggregation weights sum to at most 1, ``secure_aggregate`` (when the defense hides client
+    updates) and ``server_update`` return aligned updates, and the accounting hooks answer sensibly.
     """
     problems = _Problems(f"defense {getattr(cls, '__name__', cls)!r}")
     _class_problems("defense", cls, problems)
@@ -58,6 +60,7 @@ def check_defense(
             update = _defense_runs(variant, kind, case, problems, budget_s)
             first = first or update
     _accounting_problems(defense, problems)
+    _federation_problems(defense, case, problems)
     problems.raise_if_any()
     assert first is not None
     return first
@@ -141,6 +144,44 @@ def _accounting_problems(defense: Defense, problems: _Problems) -> None:
                        f"epsilon() returned {eps!r}; expected None or a non-negative number")
     except Exception as exc:
         problems.add(f"epsilon() raised {type(exc).__name__}: {exc}")
+
+
+def _federation_problems(defense: Defense, case: TinyCase, problems: _Problems) -> None:
+    """The server-side hooks of a federation: weights sum to at most 1, the observed aggregate and
+    the post-processed step are updates aligned with the model, the accounting hooks answer sensibly."""
+    import torch
+
+    from defenda.contracts import update_problems
+    from defenda.federation.client import compute_update
+    from defenda.records import FederationPlan, RoundSettings
+
+    try:
+        defense.join_federation(FederationPlan(clients=4, clients_per_round=2, rounds=3))
+        weights = defense.aggregation_weights([3, 5])
+        problems.check(len(weights) == 2 and all(w >= 0 for w in weights) and sum(weights) <= 1 + 1e-9,
+                       f"aggregation_weights([3, 5]) returned {weights!r}; expected 2 weights >= 0 summing to <= 1")
+        model = case.fresh_model()
+        half = len(case.x) // 2 or 1
+        updates = [compute_update(model, case.x[:half], case.y[:half]), compute_update(model, case.x[half:],
+                                                                                        case.y[half:])]
+        gen = torch.Generator().manual_seed(0)
+        if defense.hides_client_updates:
+            agg = defense.secure_aggregate(updates, weights, gen)
+            for p in update_problems(agg, model):
+                problems.add(f"secure_aggregate() {p}")
+            updates = [agg]
+        step = defense.server_update(updates[0], 2, gen)
+        for p in update_problems(step, model):
+            problems.add(f"server_update() {p}")
+        entry = defense.sample_ledger_entry(RoundSettings(client_samples=8), 4)
+        problems.check(entry is None or (len(entry) == 3 and entry[0] >= 0 and 0 < entry[1] <= 1 and entry[2] >= 1),
+                       f"sample_ledger_entry() returned {entry!r}; expected None or (σ >= 0, 0 < q <= 1, steps >= 1)")
+        z = defense.client_noise_multiplier()
+        problems.check(z is None or z >= 0, f"client_noise_multiplier() returned {z!r}")
+        problems.check(defense.noise_position() in (None, "before", "after"),
+                       f"noise_position() returned {defense.noise_position()!r}; expected None, 'before' or 'after'")
+    except Exception as exc:
+        problems.add(f"a federation hook raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
 # --------------------------------------------------------------------------- attacks
