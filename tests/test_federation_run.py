@@ -183,9 +183,15 @@ def test_poisson_sampling_can_skip_a_round(digits):
     assert res.skipped_rounds  # P(nobody) = 0.95^20 ≈ 0.36 per round
 
 
-def test_batched_clients_equal_the_loop(digits):
+def test_batched_clients_equal_the_loop(digits, monkeypatch):
     """The vectorised FedSGD path gives the clients' gradients (and noise) of the one-by-one path."""
+    import defenda.federation.run as run
     from defenda.federation.run import _transform_chain, client_updates
+
+    monkeypatch.setattr(run, "BATCHED_MIN_CLIENTS", 2)
+    calls = []
+    real = run._batched
+    monkeypatch.setattr(run, "_batched", lambda *a: calls.append(1) or real(*a))
 
     task, data = digits
     data = _double(data)
@@ -197,6 +203,7 @@ def test_batched_clients_equal_the_loop(digits):
     defense = _defense("gaussian-noise+laplace-noise", **{"gaussian-noise": {"std": 0.01}, "laplace-noise": {"scale": 0.01}})
     assert _transform_chain(defense) is not None
     batched, _ = client_updates(model, defense, data, parts, [0, 2, 3, 5], fs, 3, 0, 0, torch.device("cpu"), False)
+    assert calls == [1]  # the vectorised path ran
     fs1 = dataclasses.replace(fs, clients_per_round=1)
     for j, k in enumerate([0, 2, 3, 5]):
         single, _ = client_updates(model, defense, data, parts, [k], fs1, 3, 0, 0, torch.device("cpu"), False)

@@ -109,6 +109,11 @@ class RunResult:
         return self.accuracy[-1][1] if self.accuracy else float("nan")
 
 
+#: from this many clients in a round on, FedSGD clients are computed in one vectorised pass: below it the
+#: vmap set-up costs more than it saves (digits MLP, `benchmarks/bench_federation.py`: break-even at K ≈ 5)
+BATCHED_MIN_CLIENTS = 6
+
+
 def client_seed(seed: int, round_: int, client: int, clients: int) -> int:
     """The seed of client ``client``'s generator in round ``round_`` (batch draw, then defense noise).
 
@@ -161,7 +166,7 @@ def client_updates(model: nn.Module, defense: Defense, data: TaskData, parts: li
         draws.append((k, gen, idx, settings, gen.get_state()))
     chain = _transform_chain(defense)
     sizes = {len(idx) for _, _, idx, _, _ in draws}
-    if fs.update == "gradient" and chain is not None and len(draws) > 1 and len(sizes) == 1 \
+    if fs.update == "gradient" and chain is not None and len(draws) >= BATCHED_MIN_CLIENTS and len(sizes) == 1 \
             and not any(True for _ in model.buffers()):
         updates = _batched(model, chain, draws, x_train, y_train, fs, device)
     else:

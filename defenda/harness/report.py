@@ -164,6 +164,16 @@ def _with_federation(df: Any) -> Any:
     return df
 
 
+def _federation_brief(rows: Any) -> str:
+    """What tells one federation of a study from another, in a few words (panel titles)."""
+    f = rows["params"].iloc[0].get("federation") or {}
+    if f.get("update") == "delta":
+        update = f"FedAvg E={f.get('local_epochs')} b={f.get('local_batch_size')}"
+    else:
+        update = f"FedSGD b={f.get('local_batch_size')}"
+    return f"{update}, K={f.get('clients_per_round')} of N={f.get('clients')}"
+
+
 def _server_kinds(df: Any) -> dict[str, str]:
     """``"honest"`` or ``"malicious"`` per attack: the attack's declared requirement (registry), or, for
     an attack that is not installed, the ``server`` column of its rows."""
@@ -416,7 +426,7 @@ def _round_figure(fed: Any, task: str, metric: str, out: Path, util: Any, kinds:
             twin.tick_params(axis="y", labelsize=7, colors="grey")
         title = attack + (" (malicious server)" if kinds.get(attack) == "malicious" else "")
         if len(feds) > 1:
-            title += f"\nfederation {fid}: {rows['K'].iloc[0]:g} clients per round" if len(rows) else f"\n{fid}"
+            title += f"\nfederation {fid}: {_federation_brief(rows)}" if len(rows) else f"\n{fid}"
         ax.set_title(title, fontsize=11 if len(feds) == 1 else 10)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
@@ -453,11 +463,26 @@ def _round_panel(ax: Any, rows: Any, curves: list[tuple[str, float, str]], style
     ax.grid(alpha=0.3)
 
 
+def _one_protocol(fed: Any) -> Any:
+    """The rows of the federations that differ only in K (the largest such group): a FedSGD sweep
+    over K must not be pooled with FedAvg runs that happen to share a K."""
+    import json
+
+    def rest(p: Any) -> str:
+        f = (p or {}).get("federation") or {} if isinstance(p, dict) else {}
+        return json.dumps({k: v for k, v in f.items() if k != "clients_per_round"}, sort_keys=True, default=str)
+
+    key = fed["params"].map(rest)
+    best = max(key.unique(), key=lambda k: (fed.loc[key == k, "K"].nunique(), (key == k).sum()))
+    return fed[key == best]
+
+
 def _aggregation_figure(fed: Any, task: str, metric: str, out: Path, kinds: dict[str, str]) -> Path | None:
     """Leakage against the number of clients in the observed update, for the defenses under which the
     server sees only an aggregate: a panel per defense and strength, a line per attack."""
     if fed["aggregation_size"].nunique() < 2 and fed["K"].nunique() < 2:
         return None
+    fed = _one_protocol(fed)
     hides = {d for d, g in fed.groupby("defense") if d == "secure-aggregation" or (g["aggregation_size"] > 1).any()}
     # the federations differ in K here; the panels are per defense and strength, K is on the x axis
     rows = fed[fed["defense"].isin(hides)]
