@@ -4,6 +4,8 @@ composition, and DP-SGD's sample-level ledger entries and FedAvg epochs (referen
 
 from __future__ import annotations
 
+import copy
+
 import math
 import warnings
 
@@ -344,7 +346,8 @@ def test_dp_sgd_sample_ledger_entries() -> None:
     sigma, q, steps = d.sample_ledger_entry(RoundSettings("delta", local_steps=4, client_samples=40), 8)
     assert (sigma, q, steps) == (pytest.approx(0.6), pytest.approx(0.2), 1)
     epochs = RoundSettings("delta", local_epochs=2, local_batch_size=16, client_samples=50)
-    assert d.sample_ledger_entry(epochs, 50) == (1.2, pytest.approx(0.32), 8)  # E·⌈50/16⌉ = 2·4
+    # Opacus' Poisson rate 1/⌈50/16⌉ = 0.25 (not b/n = 0.32), int(1/q) = 4 batches per epoch, E = 2
+    assert d.sample_ledger_entry(epochs, 50) == (1.2, 0.25, 8)
     no_n = RoundSettings("delta", local_epochs=3, local_batch_size=5)
     assert d.sample_ledger_entry(no_n, 20) == (1.2, pytest.approx(0.25), 12)
     assert d.ledger_accountant() == "prv" and DPSGD().ledger_accountant() == "rdp"
@@ -361,26 +364,38 @@ def test_dp_sgd_runs_the_federations_minibatch_epochs() -> None:
     up = d.client_update(model, x, y, settings, gen(0))
     assert up.local_steps == e * math.ceil(n / b) == 8
     assert (up.local_epochs, up.local_batch_size, up.batch_size) == (e, b, n)
-    assert up.meta["dp_steps"] == 8 and up.meta["noise_std"] == pytest.approx(0.5 / b)
+    # Opacus divides by the expected Poisson batch int(n·q) = int(20/4) = 5
+    assert up.meta["dp_steps"] == 8 and up.meta["noise_std"] == pytest.approx(0.5 / 5)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     again = d.client_update(model, x, y, settings, gen(0))
     assert all(torch.equal(s, t) for s, t in zip(up.tensors, again.tensors))
 
 
-def test_dp_sgd_epochs_without_noise_follow_the_honest_batches() -> None:
-    """σ = 0 and no effective clipping, full batches (b divides n): DP-SGD's epochs are the honest epochs."""
+def test_dp_sgd_epochs_without_noise_are_sgd_on_opacus_poisson_batches() -> None:
+    """σ = 0 and no effective clipping: DP-SGD's epochs are plain SGD on the Poisson batches Opacus'
+    sampler draws from the client's data, each loss summed and divided by the expected batch size."""
+    from defenda_defenses.dp_sgd import _poisson_batches
+    from torch.nn import functional as F
+
     n, b = 18, 6
     x, y = tiny_data(n)
     settings = RoundSettings("delta", lr=0.5, local_epochs=2, local_batch_size=b, order_seed=11)
     model = tiny_model()
     dp = DPSGD(noise_multiplier=0.0, max_grad_norm=1e6).client_update(model, x, y, settings, gen(0))
-    honest = compute_update(model, x, y, settings)
-    assert dp.local_steps == honest.local_steps == 6
-    for a, h in zip(dp.tensors, honest.tensors):
-        assert torch.allclose(a, h, atol=1e-6, rtol=1e-4)
-    other_order = RoundSettings("delta", lr=0.5, local_epochs=2, local_batch_size=b, order_seed=12)
-    shuffled = compute_update(model, x, y, other_order)
-    assert not all(torch.allclose(a, h, atol=1e-6, rtol=1e-4) for a, h in zip(dp.tensors, shuffled.tensors))
+    batches, divisor = _poisson_batches(x, y, settings)
+    assert dp.local_steps == len(batches) == 6 and divisor == 6
+    local = copy.deepcopy(model)
+    opt = torch.optim.SGD(local.parameters(), lr=0.5)
+    for bx, by in batches:
+        opt.zero_grad()
+        if len(bx):
+            (F.cross_entropy(local(bx), by, reduction="sum") / divisor).backward()
+            opt.step()
+    for a, p, q in zip(dp.tensors, local.parameters(), model.parameters()):
+        assert torch.allclose(a, p.detach() - q.detach(), atol=1e-6, rtol=1e-4)
+    other = _poisson_batches(x, y, RoundSettings("delta", lr=0.5, local_epochs=2, local_batch_size=b, order_seed=12))
+    assert [len(bx) for bx, _ in other[0]] != [len(bx) for bx, _ in batches] or not all(
+        torch.equal(a[0], c[0]) for a, c in zip(batches, other[0]))
 
 
 def test_dp_sgd_full_batch_local_steps_are_unchanged() -> None:

@@ -209,3 +209,22 @@ def test_batched_clients_equal_the_loop(digits, monkeypatch):
         single, _ = client_updates(model, defense, data, parts, [k], fs1, 3, 0, 0, torch.device("cpu"), False)
         for a, b in zip(batched[j].tensors, single[0].tensors):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_dp_sgd_fedavg_draws_poisson_batches_and_accounts_them_exactly():
+    """FedAvg under DP-SGD: Opacus' Poisson sampler on the client's data (empty batches included),
+    and the ledger entry is Opacus' own (σ, q = 1/⌈n/b⌉, E·int(1/q))."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    x, y = torch.randn(2, 5), torch.randint(0, 3, (2,))
+    dp = _defense("dp-sgd", noise_multiplier=1.0)
+    s = RoundSettings("delta", lr=0.1, local_epochs=10, local_batch_size=1, order_seed=3, client_samples=2)
+    from defenda_defenses.dp_sgd import _poisson_batches
+
+    batches, divisor = _poisson_batches(x, y, s)
+    assert len(batches) == 20 and divisor == 1 and any(len(b[0]) == 0 for b in batches)
+    a = dp.client_update(model, x, y, s, torch.Generator().manual_seed(0))
+    b = dp.client_update(model, x, y, s, torch.Generator().manual_seed(0))
+    assert a.local_steps == 20 and all(torch.isfinite(t).all() for t in a.tensors)
+    assert all(torch.equal(t, u) for t, u in zip(a.tensors, b.tensors))
+    assert dp.sample_ledger_entry(s, 2) == (1.0, 0.5, 20)

@@ -41,6 +41,19 @@ def _rows(out: Path, sql: str) -> list[sqlite3.Row]:
     return db.execute(sql).fetchall()
 
 
+def _opacus_rdp(history: list[tuple[float, float, int]], delta: float = 1e-5) -> float:
+    """ε straight from Opacus' RDP accountant for a history of (σ, q, steps)."""
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
 def test_federation_table_sweeps_and_expands_per_round(registry) -> None:
     study = parse_study(_study(clients_per_round=[1, 3], attack_rounds=[[0], [1, 3]]), registry)
     assert study.federations is not None and len(study.federations) == 4
@@ -98,14 +111,15 @@ def test_federated_study_rows_accounting_and_resume(registry, tmp_path: Path, mo
     import json
 
     fed = [r for r in rows if r["defense"] == "dp-fedavg"][0]
-    assert fed["epsilon"] == pytest.approx(client_level_epsilon(1.0, 3 / 6, 4, 1e-5), rel=1e-9)
+    assert fed["epsilon"] == pytest.approx(_opacus_rdp([(1.0, 3 / 6, 4)]), rel=1e-9)  # z, q = K/N, R, δ
     assert fed["epsilon_round"] == pytest.approx(client_level_epsilon(1.0, 3 / 6, fed["round"] + 1, 1e-5), rel=1e-9)
     assert json.loads(fed["extra"])["noise_position"] == "after"  # central DP: the server sees the clipped update
     dp = [r for r in rows if r["defense"] == "dp-sgd" and r["round"] == 3][0]
     extra = json.loads(util["dp-sgd"]["extra"])
     sizes, part = extra["client_sizes"], extra["participations"][str(dp["client"])]
     # the attacked client's ledger at the last round: every participation, one FedSGD step at q = b/n_k
-    expected = ledger_epsilon([(1.0, 2 / sizes[dp["client"]], part)], 1e-5)
+    expected = _opacus_rdp([(1.0, 2 / sizes[dp["client"]], part)])
+    assert expected == pytest.approx(ledger_epsilon([(1.0, 2 / sizes[dp["client"]], 1)] * part, 1e-5), rel=1e-9)
     assert dp["epsilon_round"] == pytest.approx(expected, rel=1e-9)
     assert dp["epsilon"] >= dp["epsilon_round"]  # the run's ε: the worst client
     assert len(extra["accuracy"]) == 4

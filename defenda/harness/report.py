@@ -405,10 +405,11 @@ def _round_figure(fed: Any, task: str, metric: str, out: Path, util: Any, kinds:
     plt = _plt()
     attacks = sorted(fed["attack"].unique())
     feds = sorted(fed["fed_id"].unique())
-    panels = [(a, f) for f in feds for a in attacks]
+    # only the (attack, federation) pairs with rows: attacks with their own batch sizes run in their own federations
+    panels = [(a, f) for f in feds for a in attacks if ((fed["attack"] == a) & (fed["fed_id"] == f)).any()]
     chosen = {f: _curves(fed[fed["fed_id"] == f]) for f in feds}
     styles = _curve_styles([c for f in feds for c in chosen[f]])
-    ncols = min(4 if len(feds) > 1 else 3, len(attacks))
+    ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.9 * nrows + 1.0), squeeze=False)
     handles: dict[str, Any] = {}

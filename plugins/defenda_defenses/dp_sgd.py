@@ -15,11 +15,11 @@ What the server sees
     produced for the batch (``p.grad`` after ``DPOptimizer.pre_step``).
     ``kind="delta"`` (FedAvg): ``θ_after − θ_before`` after ``local_steps``
     DP-SGD steps (each re-clips and re-noises) on the client's batch; with
-    ``settings.local_epochs > 0`` (FedAvg over the client's data) one DP-SGD
-    step per mini-batch of ``defenda.federation.client.minibatches`` — the
-    same shuffled batches, in the same order, as the honest client — each
-    divided by ``expected_batch_size = local_batch_size`` (also for the
-    smaller last batch of an epoch).
+    ``settings.local_epochs > 0`` (FedAvg over the client's data) E epochs of
+    DP-SGD steps on Poisson-sampled batches of the client's data, drawn exactly
+    as Opacus' ``DPDataLoader`` draws them (``UniformWithReplacementSampler`` at
+    rate q = 1/⌈n/b⌉, ``int(1/q)`` batches per epoch, a batch may be empty; from
+    the round's order seed) and divided by Opacus' expected batch size ``int(n·q)``.
 
 The caller's model is never touched: the defense works on a private deep copy
 (put in training mode — Opacus computes per-sample gradients only there),
@@ -319,15 +319,16 @@ class DPSGD(Defense):
           ``settings.client_samples`` (q = 1 when that is 0: the batch is all of the data).
         * FedAvg with ``local_steps`` k full-batch steps on the same batch: ``(σ/√k, b/n_k, 1)``,
           one Gaussian mechanism (see :meth:`epsilon`).
-        * FedAvg with ``local_epochs`` E: ``(σ, b/n_k, E·⌈n_k/b⌉)`` with b = ``local_batch_size``.
-          The client's batches are shuffled fixed-size batches (drop_last off); they are accounted
-          as Poisson sampling at rate b/n_k, the standard approximation (Opacus makes the same one
-          with ``poisson_sampling=False``; its Poisson loader would use 1/⌈n_k/b⌉).
+        * FedAvg with ``local_epochs`` E: ``(σ, q, E·int(1/q))`` with q = 1/⌈n_k/b⌉, b =
+          ``local_batch_size``: the client's batches are Poisson-sampled from its data exactly as
+          Opacus' ``DPDataLoader`` samples them (``UniformWithReplacementSampler``), so the
+          accounting is Opacus' own, with no approximation.
         """
         sigma = self.noise_multiplier
         if settings.kind == "delta" and settings.local_epochs > 0:
             n = settings.client_samples or batch_size
-            return sigma, min(1.0, settings.local_batch_size / n), settings.steps_for(n)
+            q = poisson_rate(n, settings.local_batch_size)
+            return sigma, q, settings.local_epochs * steps_per_epoch(q)
         q = min(1.0, batch_size / settings.client_samples) if settings.client_samples > 0 else 1.0
         if settings.kind == "delta":
             return sigma / math.sqrt(settings.local_steps), q, 1
@@ -379,15 +380,12 @@ class DPSGD(Defense):
                       generator: torch.Generator | None = None) -> SharedUpdate:
         from opacus.optimizers import DPOptimizer
 
-        from defenda.federation.client import minibatches
-
         if len(x) == 0:
             raise ValueError("dp-sgd: empty batch")
         kind, lr = settings.kind, settings.lr
         epochs = kind == "delta" and settings.local_epochs > 0
-        if epochs:  # FedAvg over the client's data: DP-SGD on the federation's mini-batches, in its order
-            batches = [(x[i], y[i]) for i in minibatches(len(x), settings)]
-            divisor = settings.local_batch_size
+        if epochs:  # FedAvg over the client's data: Poisson-sampled DP-SGD batches, as Opacus' DPDataLoader
+            batches, divisor = _poisson_batches(x, y, settings)
         else:  # FedSGD (one step) or ``local_steps`` full-batch steps on the same batch
             batches = [(x, y)] * (settings.local_steps if kind == "delta" else 1)
             divisor = len(x)
@@ -440,6 +438,35 @@ def _copy_state(model: nn.Module, entry: _Wrapped) -> None:
         for n, b in model.named_buffers():
             if n in local_buffers:
                 local_buffers[n].copy_(b)
+
+
+def poisson_rate(n: int, batch_size: int) -> float:
+    """Opacus' Poisson rate for a client of ``n`` samples and batch size b: 1/⌈n/b⌉ (``DPDataLoader``)."""
+    return 1.0 / max(1, -(-n // max(1, batch_size)))
+
+
+def steps_per_epoch(q: float) -> int:
+    """Batches per epoch of Opacus' ``UniformWithReplacementSampler`` at rate ``q``: ``int(1/q)``."""
+    return max(1, int(1 / q))
+
+
+def _poisson_batches(x: torch.Tensor, y: torch.Tensor,
+                     settings: RoundSettings) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """FedAvg under DP-SGD: E epochs of Poisson batches drawn from the client's data by Opacus'
+    ``UniformWithReplacementSampler`` (rate 1/⌈n/b⌉, from ``settings.order_seed``; a batch may be
+    empty), and Opacus' divisor, the expected batch size ``int(n·q)``."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    n = len(x)
+    q = poisson_rate(n, settings.local_batch_size)
+    gen = torch.Generator().manual_seed(settings.order_seed)
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=gen)
+    batches = []
+    for _ in range(settings.local_epochs):
+        for idx in sampler:
+            index = torch.as_tensor(idx, dtype=torch.long)
+            batches.append((x[index.to(x.device)], y[index.to(y.device)]))
+    return batches, max(1, int(n * q))
 
 
 def _dp_steps(entry: _Wrapped, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], kind: str,
