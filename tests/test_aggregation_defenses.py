@@ -5,7 +5,6 @@ composition, and DP-SGD's sample-level ledger entries and FedAvg epochs (referen
 from __future__ import annotations
 
 import copy
-
 import math
 import warnings
 
@@ -374,8 +373,9 @@ def test_dp_sgd_runs_the_federations_minibatch_epochs() -> None:
 def test_dp_sgd_epochs_without_noise_are_sgd_on_opacus_poisson_batches() -> None:
     """σ = 0 and no effective clipping: DP-SGD's epochs are plain SGD on the Poisson batches Opacus'
     sampler draws from the client's data, each loss summed and divided by the expected batch size."""
-    from defenda_defenses.dp_sgd import _poisson_batches
     from torch.nn import functional as F
+
+    from defenda_defenses.dp_sgd import _poisson_batches
 
     n, b = 18, 6
     x, y = tiny_data(n)

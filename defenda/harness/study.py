@@ -159,8 +159,10 @@ def _parse_federation(raw: Any, study_table: dict[str, Any], source: str) -> lis
             if not isinstance(value, (list, int)) or isinstance(value, bool):
                 raise _fail(source, f"[federation] key '{key}'", f"expected a list of rounds, e.g. [0, 99], "
                                                                  f"got {value!r}")
-            axes[key] = [tuple(v) if isinstance(v, list) else (v,) for v in value] if sweep else \
-                [tuple(value) if isinstance(value, list) else (value,)]
+            if isinstance(value, list) and sweep:
+                axes[key] = [tuple(v) if isinstance(v, list) else (v,) for v in value]
+            else:
+                axes[key] = [tuple(value) if isinstance(value, list) else (value,)]
         elif isinstance(value, list):
             if not value:
                 raise _fail(source, f"[federation] key '{key}'", "is an empty sweep; give at least one value")
