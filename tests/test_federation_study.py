@@ -31,7 +31,9 @@ def _study(**federation):
         "attacks": [{"name": "spear", "time_budget_s": 1.0}],
         "defenses": [{"name": "none"}, {"name": "dp-sgd", "noise_multiplier": 1.0},
                      {"name": "dp-fedavg", "noise_multiplier": 1.0},
-                     {"name": "secure-aggregation", "quantization_range": 0}],
+                     {"name": "secure-aggregation", "quantization_range": 0},
+                     {"name": "dp-fedavg+secure-aggregation", "dp-fedavg": {"mode": "distributed", "noise_multiplier": 1.0},
+                      "secure-aggregation": {"quantization_range": 0}}],
     }
 
 
@@ -58,10 +60,10 @@ def test_federation_table_sweeps_and_expands_per_round(registry) -> None:
     study = parse_study(_study(clients_per_round=[1, 3], attack_rounds=[[0], [1, 3]]), registry)
     assert study.federations is not None and len(study.federations) == 4
     trials = study.trials()
-    # 4 federations x 4 defenses x (1 or 2 attack rounds)
-    assert len(trials) == 2 * 4 * 1 + 2 * 4 * 2
+    # 4 federations x 5 defenses x (1 or 2 attack rounds)
+    assert len(trials) == 2 * 5 * 1 + 2 * 5 * 2
     assert {t.round for t in trials} == {0, 1, 3}
-    assert len({t.utility_key for t in trials}) == 16  # one training run per federation x defense
+    assert len({t.utility_key for t in trials}) == 20  # one training run per federation x defense
     assert len({t.key for t in trials}) == len(trials)
 
 
@@ -82,6 +84,8 @@ def test_federation_errors_are_one_line_and_say_what_to_do(registry, patch, mess
 
 
 def test_federated_study_rows_accounting_and_resume(registry, tmp_path: Path, monkeypatch) -> None:
+    import json
+
     import defenda.harness.federated as federated
     from defenda.federation.accounting import client_level_epsilon, ledger_epsilon
 
@@ -95,8 +99,8 @@ def test_federated_study_rows_accounting_and_resume(registry, tmp_path: Path, mo
     monkeypatch.setattr(federated, "run_federation", counting)
     out = tmp_path / "out"
     counts = run_study(parse_study(_study(), registry), out, progress=False)
-    assert counts["ok"] + counts["skipped"] == 8 and counts["error"] == 0
-    assert len(calls) == 4
+    assert counts["ok"] + counts["skipped"] == 10 and counts["error"] == 0
+    assert len(calls) == 5
     rows = _rows(out, "SELECT * FROM trials")
     assert {r["round"] for r in rows} == {0, 3}
     plain = [r for r in rows if r["defense"] == "none"]
@@ -104,11 +108,14 @@ def test_federated_study_rows_accounting_and_resume(registry, tmp_path: Path, mo
     assert all(r["psnr"] is None or r["mae"] is not None for r in rows)
     secagg = [r for r in rows if r["defense"] == "secure-aggregation"]
     assert all(r["aggregation_size"] == 3 and r["num_samples"] == 6 and r["client"] == -1 for r in secagg)
+    distributed = [r for r in rows if r["defense"] == "dp-fedavg+secure-aggregation"]
+    assert all(r["epsilon_round"] == pytest.approx(_opacus_rdp([(1.0, 3 / 6, r["round"] + 1)]), rel=1e-9)
+               for r in distributed)
+    assert all(json.loads(r["extra"])["noise_position"] == "before" for r in distributed)
     # utility and ε of the same run
     util = {u["defense"]: u for u in _rows(out, "SELECT * FROM utility")}
     for r in rows:
         assert r["test_acc"] == util[r["defense"]]["test_acc"]
-    import json
 
     fed = [r for r in rows if r["defense"] == "dp-fedavg"][0]
     assert fed["epsilon"] == pytest.approx(_opacus_rdp([(1.0, 3 / 6, 4)]), rel=1e-9)  # z, q = K/N, R, δ
@@ -131,8 +138,8 @@ def test_federated_study_rows_accounting_and_resume(registry, tmp_path: Path, mo
     db.close()
     calls.clear()
     again = run_study(parse_study(_study(), registry), out, progress=False)
-    assert calls == [] and again["resumed"] == 4 and again["ok"] + again["skipped"] == 4
-    assert len(_rows(out, "SELECT key FROM trials")) == 8
+    assert calls == [] and again["resumed"] == 6 and again["ok"] + again["skipped"] == 4
+    assert len(_rows(out, "SELECT key FROM trials")) == 10
 
 
 def test_a_study_killed_in_a_training_run_keeps_the_finished_runs(registry, tmp_path: Path, monkeypatch) -> None:

@@ -51,7 +51,8 @@ def calibrate_for(defense: Defense, fs: FederationSettings, n_train: int) -> Non
 
 def epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation, accountant: str = "rdp") -> dict[str, float]:
     """ε of each observed client of ``obs`` after that round, keyed ``"<round>:<client>"``
-    (sample level: the client's ledger so far; client level: the rounds so far)."""
+    (sample level: the client's ledger so far; client level: the rounds so far); under secure
+    aggregation also ``"<round>:-1"``, the worst client of the aggregate."""
     out = {}
     z = result.client_epsilon_noise
     for k, c in obs.clients.items():
@@ -62,6 +63,8 @@ def epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation, acco
         else:
             continue
         out[f"{obs.round}:{k}"] = eps
+    if obs.hidden and out:  # an aggregate (client -1): the worst of its clients
+        out[f"{obs.round}:-1"] = max(out.values())
     return out
 
 
