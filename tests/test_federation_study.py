@@ -200,3 +200,13 @@ def test_an_attack_that_needs_one_client_is_skipped_under_secure_aggregation(reg
     assert skip_reason(OneClientOnly(), trial, data, registry.get("defense", "none").cls()) is None
     with pytest.raises(ValueError, match="unknown observations"):
         Requirements(observations=frozenset({"sum"}))
+
+
+def test_a_partition_that_cannot_be_drawn_is_a_clear_error_before_any_run(registry) -> None:
+    from defenda.harness.study import check_against_data
+
+    study = parse_study(_study(clients=300, alpha=0.001), registry)
+    with pytest.raises(StudyError, match="seed 0: no dirichlet partition .* raise alpha or lower clients"):
+        check_against_data(study, registry)
+    with pytest.raises(StudyError, match="clients = 500 is more than task 'breast-cancer' has training samples"):
+        check_against_data(parse_study(_study(clients=500), registry), registry)

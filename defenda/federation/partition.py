@@ -136,7 +136,7 @@ def _dirichlet(labels: np.ndarray, clients: int, alpha: float, min_size: int,
         if sizes.min() >= min_size:
             return [np.concatenate(p) if p else np.empty(0, dtype=np.int64) for p in held]
     raise ValueError(f"no dirichlet partition gives all {clients} clients ≥ {min_size} samples in {MAX_ATTEMPTS} "
-                     f"draws at alpha={alpha:g}; raise alpha or lower clients (or min_size)")
+                     f"draws at alpha={alpha:g}; raise alpha or lower clients")
 
 
 def _shards(labels: np.ndarray, clients: int, shards_per_client: int,

@@ -406,10 +406,7 @@ def check_against_data(study: Study, registry: Registry) -> list[str]:
             raise StudyError(f"{study.source}: [task] '{task.name}': {exc}") from None
         n = len(data.train[0])
         if study.federations is not None:
-            for fs in study.federations:
-                if fs.clients > n:
-                    raise StudyError(f"{study.source}: [federation] clients = {fs.clients} is more than task "
-                                     f"'{task.name}' has training samples ({n}); use fewer clients")
+            _check_partitions(study, task.name, data.train[1].numpy())
             continue
         for defense in study.defenses:
             chosen = make_defense(registry, defense.name, defense.params)
@@ -421,6 +418,24 @@ def check_against_data(study: Study, registry: Registry) -> list[str]:
     if not study.tasks:
         raise StudyError(f"{study.source}: no task left to run ({'; '.join(notices)})")
     return notices
+
+
+def _check_partitions(study: Study, task: str, labels: Any) -> None:
+    """Every federation's partition of ``task`` can be drawn for every seed (a clear error now,
+    not one error row per training run later)."""
+    from defenda.federation.partition import partition
+
+    n = len(labels)
+    for fs in study.federations or []:
+        if fs.clients > n:
+            raise StudyError(f"{study.source}: [federation] clients = {fs.clients} is more than task "
+                             f"'{task}' has training samples ({n}); use fewer clients")
+        for seed in study.settings["seeds"]:
+            try:
+                partition(labels, fs.clients, fs.partition, seed=seed, alpha=fs.alpha,
+                          shards_per_client=fs.shards_per_client)
+            except ValueError as exc:
+                raise StudyError(f"{study.source}: [federation] on task '{task}', seed {seed}: {exc}") from None
 
 
 def builtin_studies() -> dict[str, Path]:
