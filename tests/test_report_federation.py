@@ -186,3 +186,26 @@ def test_a_store_written_before_the_federation_columns_still_reports(tmp_path: P
     db.close()
     text = write_report(tmp_path).read_text()
     assert "tradeoff_digits_psnr.png" in text and "## Federation" not in text
+
+
+def test_equal_utility_picks_the_most_private_setting_within_the_target_ties_to_the_strongest() -> None:
+    from defenda.harness.report import _most_private
+
+    d = pd.DataFrame({"defense": ["dp-sgd"] * 3, "strength": [0.01, 1.0, 4.0], "acc": [0.95, 0.95, 0.80],
+                      "eps": [1.6e6, 7.4, 1.0]})
+    # σ = 0.01 and σ = 1 keep the utility; σ = 1 leaks less (an idxmin on accuracy picked σ = 0.01 before)
+    leak = pd.DataFrame({"defense": ["dp-sgd"] * 3, "strength": [0.01, 1.0, 4.0], "leak": [20.0, 8.0, 5.0]})
+    row, within = _most_private(d, [("", leak)], "dp-sgd", 0.94, "psnr")
+    assert within and row["strength"] == 1.0
+    # equal leakage: the strongest setting within the target
+    tie = leak.assign(leak=[8.0, 8.0, 5.0])
+    assert _most_private(d, [("", tie)], "dp-sgd", 0.94, "psnr")[0]["strength"] == 1.0
+    # lower is worse for MAE: the largest error is the most private
+    mae = leak.assign(leak=[0.2, 0.9, 2.0])
+    assert _most_private(d, [("", mae)], "dp-sgd", 0.94, "mae")[0]["strength"] == 1.0
+    # the worse of the honest- and malicious-server worst cases decides
+    malicious = leak.assign(leak=[9.0, 30.0, 5.0])
+    assert _most_private(d, [("h", leak), ("m", malicious)], "dp-sgd", 0.94, "psnr")[0]["strength"] == 0.01
+    # nothing within the target: the most accurate, flagged
+    row, within = _most_private(d, [("", leak)], "dp-sgd", 0.99, "psnr")
+    assert not within and row["acc"] == 0.95

@@ -88,10 +88,12 @@ def _task_section(store: Store, sub: Any, task: str, m: str, out: Path, util: An
     lines += _federated_figures(fed, task, m, out, util, kinds)
     split = len(set(kinds.get(a, "honest") for a in sub["attack"].unique())) > 1
     lines += ["### Privacy at equal utility", "",
-              f"For each defense, the strength whose median test accuracy is closest to "
-              f"{EQUAL_UTILITY_DROP * 100:g} points below the undefended model, and the worst-case "
-              f"leakage there (the strongest attack per update"
-              + ("; honest-server and malicious-server attacks apart" if split else "") + ").", "",
+              f"Rule: for each defense, among the strengths whose median test accuracy is at most "
+              f"{EQUAL_UTILITY_DROP * 100:g} points below the undefended model's, the most private one — the "
+              f"lowest worst-case leakage (the strongest attack per update"
+              + ("; honest-server and malicious-server attacks apart, the worse of the two decides" if split
+                 else "") + "), ties toward the strongest setting; where no strength keeps that utility, "
+              "the most accurate one, marked.", "",
               _equal_utility(sub, m, kinds), "", "### All cells", "", _table(sub, m), ""]
     for attack in sorted(sub["attack"].unique()):
         grid = _grid(store, sub[sub["attack"] == attack], task, attack, out)
@@ -586,11 +588,56 @@ def _equal_utility(sub: Any, metric: str, kinds: dict[str, str] | None = None) -
         d = d.dropna(subset=["acc"])
         if d.empty:
             continue
-        r = d.loc[(d["acc"] - target).abs().idxmin()]
+        r, within = _most_private(d, parts, str(defense), target, metric)
         eps = "" if r["eps"] is None or np.isnan(r["eps"]) else f"{r['eps']:.3g}"
         strength = "" if np.isnan(r["strength"]) else f"{r['strength']:g}"
-        rows.append(f"| {defense} | {strength} | {r['acc']:.3f} | {eps} | {leaks(str(defense), r['strength'])} |")
+        acc = f"{r['acc']:.3f}" + ("" if within else " (none within target: the most accurate)")
+        rows.append(f"| {defense} | {strength} | {acc} | {eps} | {leaks(str(defense), r['strength'])} |")
     return "\n".join(rows)
+
+
+def _most_private(d: Any, parts: list[tuple[str, Any]], defense: str, target: float,
+                  metric: str) -> tuple[Any, bool]:
+    """The equal-utility rule: among the strengths whose median test accuracy reaches ``target``, the
+    one whose worst case (the worse of the honest- and malicious-server worst cases) leaks least; ties
+    go to the strongest setting. When no strength reaches the target, the most accurate one."""
+    ok = d[d["acc"] >= target - 1e-12]
+    if ok.empty:
+        return d.loc[d["acc"].idxmax()], False
+    sign = 1.0 if HIGHER_IS_WORSE.get(metric, True) else -1.0
+    up = _strength_direction(defense) == "up"
+
+    def badness(strength: float) -> float:
+        vals = []
+        for _, frame in parts:
+            hit = frame[(frame["defense"] == defense) & ((frame["strength"] == strength)
+                                                         | (frame["strength"].isna() & np.isnan(strength)))]
+            if not hit.empty and not np.isnan(hit["leak"].iloc[0]):
+                vals.append(sign * float(hit["leak"].iloc[0]))
+        return max(vals) if vals else math.inf
+
+    def key(i: Any) -> tuple[float, float]:
+        st = float(ok.loc[i, "strength"])
+        return badness(st), -(st if up else -st) if not np.isnan(st) else 0.0
+
+    return ok.loc[min(ok.index, key=key)], True
+
+
+def _strength_direction(defense: str) -> str:
+    """``"up"`` or ``"down"``: which way a defense's strength parameter makes it stronger (the last
+    component with a strength for a composed defense; "up" when the plugin is not installed)."""
+    try:
+        from defenda.params import strength_param
+        from defenda.plugins import get_plugins
+
+        registry: Any = get_plugins().registry
+        for part in reversed(defense.split("+")):
+            sp = strength_param(registry.get("defense", part.strip()).cls.Params)
+            if sp is not None:
+                return str(sp.strength)
+    except Exception:
+        pass
+    return "up"
 
 
 def _partition_text(f: dict[str, Any]) -> str:
