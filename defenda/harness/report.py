@@ -729,45 +729,27 @@ def _observation_rows(defense: str, rows: Any) -> list[str]:
 
 
 def _html(lines: list[str], out: Path) -> str:
-    """A self-contained HTML version of index.md (figures embedded as data URIs)."""
+    """A self-contained HTML version of index.md: Python-Markdown (tables extension) renders it, and
+    the figures are embedded as data URIs so the file can be mailed or archived alone."""
     import base64
     import html
     import re
 
-    body: list[str] = []
-    table: list[str] = []
+    import markdown
 
-    def flush() -> None:
-        if table:
-            cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table
-                     if not re.fullmatch(r"[|\-\s]+", row)]
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-            table.clear()
+    body = markdown.markdown("\n".join(lines), extensions=["tables"], output_format="html")
 
-    for line in "\n".join(lines).splitlines():  # a table arrives as one multi-line entry
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        image = re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip())
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip().replace('`', ''))}</h{level}>")
-        elif image and (out / image.group(2)).suffix == ".png" and (out / image.group(2)).exists():
-            data = base64.b64encode((out / image.group(2)).read_bytes()).decode()
-            body.append(f'<img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">')
-        elif line.strip():
-            text = re.sub(r"\[([^]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', html.escape(line))
-            body.append(f"<p>{text.replace('`', '')}</p>")
-    flush()
+    def embed(match: re.Match[str]) -> str:
+        path = out / html.unescape(match.group(2))
+        if path.suffix != ".png" or not path.is_file():
+            return match.group(0)
+        return f'{match.group(1)}"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    body = re.sub(r'(<img[^>]*?src=)"([^"]+)"', embed, body)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #999;padding:2px 6px;font-size:13px}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>defenda report</title><style>{style}</style>" \
-           f"</head><body>{''.join(body)}</body></html>\n"
-
-
+           f"</head><body>{body}</body></html>\n"
 def _grid(store: Store, sub: Any, task: str, attack: str, out: Path, max_images: int = 8) -> Path | None:
     """Ground truth row, then one row per (defense, strength): the first images of each seed's batch.
 
