@@ -141,10 +141,16 @@ def client_batch(fs: FederationSettings, b: int, data_idx: torch.Tensor, gen: to
     n = len(data_idx)
     if fs.update == "gradient":
         idx = data_idx[torch.randperm(n, generator=gen)[:min(b, n)]]
-        return idx, RoundSettings(kind="gradient", lr=fs.lr, client_samples=n)
-    order = client_seed(seed, round_, client, fs.clients) + 7
-    return data_idx, RoundSettings(kind="delta", lr=fs.lr, local_epochs=fs.local_epochs, local_batch_size=b,
-                                   order_seed=order, client_samples=n)
+        return idx, local_settings(fs, b, n)
+    return data_idx, local_settings(fs, b, n, order_seed=client_seed(seed, round_, client, fs.clients) + 7)
+
+
+def local_settings(fs: FederationSettings, b: int, n: int, order_seed: int = 0) -> RoundSettings:
+    """How a client of ``n`` samples computes its update in federation ``fs`` (mini-batch ``b``)."""
+    if fs.update == "gradient":
+        return RoundSettings(kind="gradient", lr=fs.lr, client_samples=n)
+    return RoundSettings(kind="delta", lr=fs.lr, local_epochs=fs.local_epochs, local_batch_size=b,
+                         order_seed=order_seed, client_samples=n)
 
 
 def client_updates(model: nn.Module, defense: Defense, data: TaskData, parts: list[torch.Tensor],
@@ -252,7 +258,7 @@ def _one_round(model: nn.Module, defense: Defense, data: TaskData, parts: list[t
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep else {}
     updates, kept = client_updates(model, defense, data, parts, sampled, fs, b, r, seed, device, keep)
     for k, u in zip(sampled, updates):
-        entry = defense.sample_ledger_entry(_settings_of(fs, b, len(parts[k])), u.batch_size)
+        entry = defense.sample_ledger_entry(local_settings(fs, b, len(parts[k])), u.batch_size)
         if entry is not None:
             result.ledger.add(k, entry)
         if keep:
@@ -266,12 +272,6 @@ def _one_round(model: nn.Module, defense: Defense, data: TaskData, parts: list[t
         result.observations.append(Observation(r, state, list(sampled), list(weights), kept, units, agg_state,
                                                defense.hides_client_updates))
     apply_step(model, step, client_lr=fs.lr, server_lr=fs.server_lr)
-
-
-def _settings_of(fs: FederationSettings, b: int, n: int) -> RoundSettings:
-    if fs.update == "gradient":
-        return RoundSettings(kind="gradient", lr=fs.lr, client_samples=n)
-    return RoundSettings(kind="delta", lr=fs.lr, local_epochs=fs.local_epochs, local_batch_size=b, client_samples=n)
 
 
 def replay_unit(obs: Observation, unit: ObservedUnit, model: nn.Module, defense: Defense,

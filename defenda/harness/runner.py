@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +277,9 @@ def run_study(
                 store.add_utility(row)
                 bar.update(f"utility {row['defense']} acc={row.get('test_acc') or 0:.2f}")
             cache_dir = str(Path(out_dir) / "cache")
-            todo, lost = _runs_failed(todo, store)
+            # utility rows are final once written: read (and JSON-decode) each one once, not once per trial
+            utility_of = lru_cache(maxsize=None)(store.utility)
+            todo, lost = _runs_failed(todo, utility_of)
             for trial, row in lost:  # a federated trial whose training run failed has nothing to attack
                 store.add_trial(row)
                 counts["error"] += 1
@@ -286,7 +288,7 @@ def run_study(
                      partial(failed_trial, t)) for t in todo]
             by_key = {t.key: t for t in todo}
             for row, arrays in pool.map_unordered(jobs):
-                merge_utility(row, store.utility(row["utility_key"]) or {})
+                merge_utility(row, utility_of(row["utility_key"]) or {})
                 store.add_trial(row, arrays)
                 counts[row["status"]] += 1
                 plugins.notify_trial_finished(by_key[row["key"]].to_dict(), row)
@@ -311,13 +313,14 @@ def merge_utility(row: dict[str, Any], util: dict[str, Any]) -> None:
                     "accountant": dp.get("accountant"), "noise_position": extra.get("noise_position")}
 
 
-def _runs_failed(todo: list[Trial], store: Store) -> tuple[list[Trial], list[tuple[Trial, dict[str, Any]]]]:
+def _runs_failed(todo: list[Trial], utility_of: Callable[[str], dict[str, Any] | None]
+                 ) -> tuple[list[Trial], list[tuple[Trial, dict[str, Any]]]]:
     """Split federated trials whose training run failed off the list, each with its error row."""
     from defenda.harness.trial import failed_trial
 
     keep, lost = [], []
     for t in todo:
-        util = store.utility(t.utility_key) if t.round is not None else None
+        util = utility_of(t.utility_key) if t.round is not None else None
         if util is not None and util.get("status") != "ok":
             row, _ = failed_trial(t, f"training run failed: {util.get('reason')}", "defenda")
             row["error_type"] = "TrainingRunFailed"
