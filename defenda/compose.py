@@ -82,6 +82,11 @@ class ComposedDefense(Defense):
     def hides_client_updates(self) -> bool:  # type: ignore[override]
         return any(p.hides_client_updates for p in self.parts)
 
+    @property
+    def poisson_sampling(self) -> bool:  # type: ignore[override]
+        # one member whose accounting assumes Poisson batches is enough: its ε must match the draw
+        return any(p.poisson_sampling for p in self.parts)
+
     def join_federation(self, plan: FederationPlan) -> None:
         for part in self.parts:
             part.join_federation(plan)

@@ -136,6 +136,15 @@ class Defense(Plugin):
     #: (secure aggregation); then :meth:`secure_aggregate` produces what it sees
     hides_client_updates: ClassVar[bool] = False
 
+    #: the defense's sample-level accounting (:meth:`sample_ledger_entry`) assumes that a FedSGD
+    #: client's batch is Poisson-sampled, as Opacus' accountants do (DP-SGD). The federation then
+    #: draws each of the client's n_k samples independently with probability q = min(1, b/n_k),
+    #: the rate the ledger accounts, instead of min(b, n_k) samples without replacement: the batch
+    #: may be empty or larger than b. ``settings.local_batch_size`` carries its expected size
+    #: n_k·q = min(b, n_k), and :meth:`client_update` must accept an empty batch. Default False
+    #: (fixed-size batches); FedAvg and the single-client protocol are not affected.
+    poisson_sampling: ClassVar[bool] = False
+
     def join_federation(self, plan: FederationPlan) -> None:
         """Told the federation's shape (N, K, R, sampling, δ) before the first round. Default: nothing."""
         return None

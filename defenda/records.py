@@ -128,7 +128,9 @@ class RoundSettings:
     :ivar local_epochs: FedAvg over the client's data: E epochs of shuffled mini-batches of
         ``local_batch_size`` (drop_last off, so ⌈n/b⌉ steps per epoch); 0 = ``local_steps``
         full-batch steps instead.
-    :ivar local_batch_size: the mini-batch size b of those epochs.
+    :ivar local_batch_size: the mini-batch size b of those epochs; for FedSGD in a federation
+        the size of the client's batch, min(b, n_k) — its expected size when the batch is
+        Poisson-sampled (:attr:`defenda.Defense.poisson_sampling`); 0 = the batch's own size.
     :ivar order_seed: seeds the order of the mini-batches; kept apart from the defense's
         randomness so that every defense trains on the same batches.
     :ivar client_samples: n_k, the size of the client's local data (0 = the batch is all of

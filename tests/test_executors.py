@@ -55,10 +55,11 @@ FED_COLS = ("key", "status", "round", "client", "num_samples", "aggregation_size
 def _federated_study():
     raw = {
         "study": {"name": "fl-exec", "seeds": [0], "knowledge": ["batch_size"]},
+        # DP-SGD draws Poisson batches: at b = 4 none of the attacked ones is empty
         "federation": {"clients": 6, "partition": "dirichlet", "clients_per_round": 3, "rounds": 3,
-                       "local_batch_size": 2},
+                       "local_batch_size": 4},
         "task": {"name": "breast-cancer", "model": "mlp", "widths": [32]},
-        "attacks": [{"name": "spear", "time_budget_s": 1.0}],
+        "attacks": [{"name": "spear", "max_proposals": 50_000}],
         "defenses": [{"name": "none"}, {"name": "secure-aggregation", "quantization_range": 0},
                      {"name": "dp-sgd", "noise_multiplier": 1.0}],
     }

@@ -5,7 +5,9 @@ The run is the experiment every attack of a study reads from (reference:
 
 1. K clients are sampled (:func:`defenda.federation.sampling.sample_clients`);
 2. each computes its update at the broadcast model θ_r through the defense —
-   FedSGD: the gradient of one mini-batch of b samples drawn from its data;
+   FedSGD: the gradient of one mini-batch of b samples drawn from its data
+   (Poisson-sampled at rate min(1, b/n_k) when the defense's accounting assumes
+   it, :attr:`defenda.Defense.poisson_sampling`: DP-SGD);
    FedAvg: E local epochs over its data in mini-batches of b;
 3. the server observes every client's update, or only their aggregate when a
    defense hides them (secure aggregation);
@@ -23,7 +25,9 @@ client's batch and defense noise per round, aggregation per round), all
 derived from the run's seed, so the same seed reproduces every draw. With one
 client the round-0 batch and noise are drawn exactly as the single-client
 protocol draws them (seed ``10_000 + seed``), so ``clients = 1`` at round 0
-attacks the very update that protocol attacks.
+attacks the very update that protocol attacks — except under a defense with
+Poisson batches (DP-SGD), which the single-client protocol still draws at a
+fixed size.
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ if TYPE_CHECKING:
 class ClientRound:
     """One client's part in an observed round (ground truth: for scoring and replay only).
 
-    :ivar x, y: what the client trained on: its FedSGD batch, or its whole data for FedAvg.
+    :ivar samples: n_k, the size of the client's data.
+    :ivar x, y: what the client trained on: its FedSGD batch (the very draw of the round; under
+        Poisson sampling of any size, possibly empty), or its whole data for FedAvg.
     :ivar noise_state: the state of the client's generator just before ``client_update``.
     """
 
@@ -133,22 +139,35 @@ def plan_of(fs: FederationSettings) -> FederationPlan:
 
 
 def client_batch(fs: FederationSettings, b: int, data_idx: torch.Tensor, gen: torch.Generator,
-                 round_: int, client: int, seed: int) -> tuple[torch.Tensor, RoundSettings]:
+                 round_: int, client: int, seed: int, *, poisson: bool = False) -> tuple[torch.Tensor, RoundSettings]:
     """The indices client ``client`` trains on in ``round_`` and its local settings.
 
-    FedSGD: ``min(b, n_k)`` samples without replacement (from ``gen``); FedAvg: all its data.
+    FedSGD: ``min(b, n_k)`` samples without replacement (from ``gen``), or with ``poisson``
+    each of the n_k samples independently with probability q = min(1, b/n_k) (from ``gen``:
+    one uniform per sample, as Opacus' ``UniformWithReplacementSampler``), the rate the
+    sample-level ledger accounts; that batch may be empty or larger than b. FedAvg: all its data.
     """
     n = len(data_idx)
     if fs.update == "gradient":
-        idx = data_idx[torch.randperm(n, generator=gen)[:min(b, n)]]
+        if poisson:
+            # the accountant's Poisson-subsampled Gaussian is only the mechanism that runs if the
+            # draw is Poisson too; q·n_k = min(b, n_k) is the expected size in the settings
+            idx = data_idx[torch.rand(n, generator=gen) < min(1.0, b / n)] if n else data_idx
+        else:
+            idx = data_idx[torch.randperm(n, generator=gen)[:min(b, n)]]
         return idx, local_settings(fs, b, n)
     return data_idx, local_settings(fs, b, n, order_seed=client_seed(seed, round_, client, fs.clients) + 7)
 
 
 def local_settings(fs: FederationSettings, b: int, n: int, order_seed: int = 0) -> RoundSettings:
-    """How a client of ``n`` samples computes its update in federation ``fs`` (mini-batch ``b``)."""
+    """How a client of ``n`` samples computes its update in federation ``fs`` (mini-batch ``b``).
+
+    FedSGD: ``local_batch_size`` is the size of the client's batch, min(b, n) — under Poisson
+    sampling its expected size, by which DP-SGD divides (Opacus' ``expected_batch_size``) and
+    at whose rate its ledger accounts.
+    """
     if fs.update == "gradient":
-        return RoundSettings(kind="gradient", lr=fs.lr, client_samples=n)
+        return RoundSettings(kind="gradient", lr=fs.lr, local_batch_size=min(b, n), client_samples=n)
     return RoundSettings(kind="delta", lr=fs.lr, local_epochs=fs.local_epochs, local_batch_size=b,
                          order_seed=order_seed, client_samples=n)
 
@@ -160,20 +179,22 @@ def client_updates(model: nn.Module, defense: Defense, data: TaskData, parts: li
 
     Clients whose defense only post-processes the honest FedSGD gradient are computed in one
     vectorised pass (:func:`defenda.federation.client.batched_gradients`) when their batches
-    have equal sizes; the defense then transforms each client's gradient with that client's
-    generator, exactly as its ``client_update`` would.
+    have equal, non-zero sizes; the defense then transforms each client's gradient with that
+    client's generator, exactly as its ``client_update`` would. (DP-SGD, the defense with
+    Poisson batches of varying size, computes its own update and never takes that path.)
     """
     x_train, y_train = data.train
     model.train()
     draws = []
+    poisson = fs.update == "gradient" and bool(defense.poisson_sampling)
     for k in sampled:
         gen = torch.Generator().manual_seed(client_seed(seed, round_, k, fs.clients))
-        idx, settings = client_batch(fs, b, parts[k], gen, round_, k, seed)
+        idx, settings = client_batch(fs, b, parts[k], gen, round_, k, seed, poisson=poisson)
         draws.append((k, gen, idx, settings, gen.get_state()))
     chain = _transform_chain(defense)
     sizes = {len(idx) for _, _, idx, _, _ in draws}
     if fs.update == "gradient" and chain is not None and len(draws) >= BATCHED_MIN_CLIENTS and len(sizes) == 1 \
-            and not any(True for _ in model.buffers()):
+            and 0 not in sizes and not any(True for _ in model.buffers()):
         updates = _batched(model, chain, draws, x_train, y_train, fs, device)
     else:
         updates = [defense.client_update(model, x_train[idx].to(device), y_train[idx].to(device), settings, gen)
@@ -258,7 +279,11 @@ def _one_round(model: nn.Module, defense: Defense, data: TaskData, parts: list[t
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep else {}
     updates, kept = client_updates(model, defense, data, parts, sampled, fs, b, r, seed, device, keep)
     for k, u in zip(sampled, updates):
-        entry = defense.sample_ledger_entry(local_settings(fs, b, len(parts[k])), u.batch_size)
+        settings = local_settings(fs, b, len(parts[k]))
+        # FedSGD: the batch size the draw was made at (its expected size under Poisson sampling),
+        # not the realised one, which would put a random rate into the ledger
+        size = settings.local_batch_size if fs.update == "gradient" else u.batch_size
+        entry = defense.sample_ledger_entry(settings, size)
         if entry is not None:
             result.ledger.add(k, entry)
         if keep:

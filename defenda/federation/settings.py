@@ -29,7 +29,10 @@ class FederationSettings:
     :ivar rounds: R.
     :ivar update: ``gradient`` (FedSGD) or ``delta`` (FedAvg).
     :ivar local_epochs: E, FedAvg's epochs over the client's data.
-    :ivar local_batch_size: b, the client's mini-batch (FedSGD: the one batch of the round).
+    :ivar local_batch_size: b, the client's mini-batch (FedSGD: the one batch of the round,
+        min(b, n_k) samples; under a defense whose accounting assumes Poisson sampling —
+        DP-SGD — each sample is drawn at rate min(1, b/n_k) instead, so b is the batch's
+        expected size and the realised one varies, possibly 0).
     :ivar lr: η_l, the client's learning rate.
     :ivar server_lr: η_s, the server's step on the aggregate.
     :ivar attack_rounds: 0-based rounds whose updates are recorded for attacks (empty: first and last).

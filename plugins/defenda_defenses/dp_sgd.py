@@ -4,15 +4,24 @@ DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy") as
 implemented by Opacus (Yousefpour et al. 2021, "Opacus: User-Friendly
 Differential Privacy Library in PyTorch"): per-sample gradients are clipped to
 L2 norm ``max_grad_norm`` (C), summed, Gaussian noise N(0, (σ·C)²) is added to
-every coordinate and the sum is divided by the batch size. Nothing of that is
-re-implemented here: the client's model is wrapped in Opacus'
+every coordinate and the sum is divided by the (expected) batch size. Nothing
+of that is re-implemented here: the client's model is wrapped in Opacus'
 ``GradSampleModule`` and stepped by Opacus' ``DPOptimizer`` (flat clipping,
-``loss_reduction="mean"``, ``expected_batch_size = len(x)``), exactly what
-``PrivacyEngine.make_private(..., poisson_sampling=False)`` builds.
+``loss_reduction="mean"``, ``expected_batch_size`` = the expected size of a
+Poisson batch, or ``len(x)`` for a fixed-size one), exactly what
+``PrivacyEngine.make_private`` builds with ``poisson_sampling=True`` or
+``False`` respectively.
 
 What the server sees
     ``kind="gradient"`` (FedSGD): the clipped, noised, averaged gradient Opacus
-    produced for the batch (``p.grad`` after ``DPOptimizer.pre_step``).
+    produced for the batch (``p.grad`` after ``DPOptimizer.pre_step``). In a
+    federation the batch is Poisson-sampled (:attr:`DPSGD.poisson_sampling`,
+    see below) and ``settings.local_batch_size`` is its expected size b: the
+    clipped sum is divided by b, not by ``len(x)``, and an empty batch
+    releases noise only, N(0, (σ·C/b)²) per coordinate, drawn as Opacus'
+    ``DPOptimizer`` draws it for a zero sum. Without ``local_batch_size``
+    (the single-client protocol) the divisor is ``len(x)`` and an empty
+    batch is an error.
     ``kind="delta"`` (FedAvg): ``θ_after − θ_before`` after ``local_steps``
     DP-SGD steps (each re-clips and re-noises) on the client's batch; with
     ``settings.local_epochs > 0`` (FedAvg over the client's data) E epochs of
@@ -43,9 +52,15 @@ Privacy accounting (``epsilon``)
     or ``"prv"`` — privacy random variables, Gopi et al. 2021), for
     ``steps`` = rounds of the Poisson-subsampled Gaussian mechanism with
     sampling rate ``sample_rate`` (client batch size / train-split size) and
-    the study's δ. Opacus' accountants assume Poisson sampling; the utility
-    loop draws a fixed-size batch without replacement each round — the usual
-    approximation (Opacus makes the same one with ``poisson_sampling=False``).
+    the study's δ. Opacus' accountants assume Poisson sampling. In a
+    federation that is the sampling that runs (FedSGD: each of the client's
+    n_k samples at rate q = min(1, b/n_k); FedAvg: Opacus' own sampler, below),
+    so the ledger's ε is that of the released mechanism. The old single-client
+    protocol (the utility loop of :func:`defenda.federation.training.train`,
+    run by ``defenda.harness.utility``, and the single-client attack trial)
+    still draws a fixed-size batch without replacement each round and
+    accounts it as Poisson at rate b/n — the usual approximation (Opacus
+    makes the same one with ``poisson_sampling=False``).
     With FedAvg (``kind="delta"``) a round is ``k = local_steps`` DP-SGD steps on
     the *same* batch: their composition is exactly one Gaussian mechanism with
     noise multiplier ``σ/√k`` (Gaussian DP, Dong, Roth & Su 2022), subsampled once
@@ -60,7 +75,8 @@ Privacy accounting (``epsilon``)
 
 In a federation
     Each participation adds :meth:`DPSGD.sample_ledger_entry` to the client's
-    ledger (σ, q, steps), composed with the ``accountant`` parameter; the
+    ledger (σ, q, steps), composed with the ``accountant`` parameter, with q
+    the very rate at which the client's batch was drawn; the
     noise is ``"before"`` what the server observes (it sees noisy updates),
     and the local sampling randomness is the client's own, so the
     amplification holds against the server too.
@@ -206,6 +222,8 @@ class DPSGD(Defense):
 
     name = "dp-sgd"
     default_sweep = (0.01, 0.1, 0.5, 1.0, 2.0)
+    #: the ledger accounts a Poisson-subsampled Gaussian, so a federation draws Poisson FedSGD batches
+    poisson_sampling = True
 
     @dataclass(frozen=True)
     class Params:
@@ -315,8 +333,9 @@ class DPSGD(Defense):
     def sample_ledger_entry(self, settings: RoundSettings, batch_size: int) -> tuple[float, float, int]:
         """Sample-level DP: the ``(σ_eff, q, steps)`` one participation adds to the client's ledger.
 
-        * FedSGD: ``(σ, b/n_k, 1)`` — one step on a batch of ``batch_size`` from the client's
-          ``settings.client_samples`` (q = 1 when that is 0: the batch is all of the data).
+        * FedSGD: ``(σ, b/n_k, 1)`` — one step on a batch of b = ``settings.local_batch_size``
+          (the expected size of the federation's Poisson batch; else ``batch_size``) from the
+          client's ``settings.client_samples`` (q = 1 when that is 0: the batch is all of the data).
         * FedAvg with ``local_steps`` k full-batch steps on the same batch: ``(σ/√k, b/n_k, 1)``,
           one Gaussian mechanism (see :meth:`epsilon`).
         * FedAvg with ``local_epochs`` E: ``(σ, q, E·int(1/q))`` with q = 1/⌈n_k/b⌉, b =
@@ -329,6 +348,8 @@ class DPSGD(Defense):
             n = settings.client_samples or batch_size
             q = poisson_rate(n, settings.local_batch_size)
             return sigma, q, settings.local_epochs * steps_per_epoch(q)
+        if settings.kind == "gradient" and settings.local_batch_size > 0:
+            batch_size = settings.local_batch_size  # the Poisson rate the batch was drawn at, not its realised size
         q = min(1.0, batch_size / settings.client_samples) if settings.client_samples > 0 else 1.0
         if settings.kind == "delta":
             return sigma / math.sqrt(settings.local_steps), q, 1
@@ -380,21 +401,25 @@ class DPSGD(Defense):
                       generator: torch.Generator | None = None) -> SharedUpdate:
         from opacus.optimizers import DPOptimizer
 
-        if len(x) == 0:
-            raise ValueError("dp-sgd: empty batch")
         kind, lr = settings.kind, settings.lr
+        expected = settings.local_batch_size if kind == "gradient" else 0
+        if len(x) == 0 and expected <= 0:
+            raise ValueError("dp-sgd: empty batch (only a FedSGD batch with its expected size in "
+                             "settings.local_batch_size, i.e. a Poisson batch, may be empty)")
         epochs = kind == "delta" and settings.local_epochs > 0
         if epochs:  # FedAvg over the client's data: Poisson-sampled DP-SGD batches, as Opacus' DPDataLoader
             batches, divisor = _poisson_batches(x, y, settings)
         else:  # FedSGD (one step) or ``local_steps`` full-batch steps on the same batch
             batches = [(x, y)] * (settings.local_steps if kind == "delta" else 1)
-            divisor = len(x)
+            # a Poisson batch is divided by its expected size (Opacus' expected_batch_size): dividing by
+            # the realised size would make the sensitivity, and so the accounted mechanism, random
+            divisor = expected if expected > 0 else len(x)
             self._steps_per_round = len(batches)
         steps = len(batches)
         sigma = self.noise_multiplier
         clip = self.params.max_grad_norm
         entry = self._wrap(model)
-        originals = list(model.parameters())
+        originals: list[torch.Tensor] = list(model.parameters())
         _copy_state(model, entry)
         trainable = [p for p in entry.params if p.requires_grad]
         device = entry.params[0].device if entry.params else torch.device("cpu")
@@ -402,14 +427,18 @@ class DPSGD(Defense):
                           expected_batch_size=divisor, loss_reduction="mean",
                           generator=_noise_generator(generator, device), secure_mode=self.params.secure_mode)
         try:
-            tensors = _dp_steps(entry, opt, batches, kind, originals)
+            if len(x) == 0:  # an empty Poisson batch: the zero sum plus noise, as DPOptimizer releases it
+                tensors = _noise_only(entry, opt, divisor)
+            else:
+                tensors = _dp_steps(entry, opt, batches, kind, originals)
         except BaseException:
             self._wrapped.pop(model, None)  # never reuse a copy left in an unknown state
             raise
         finally:
             opt.zero_grad(set_to_none=True)  # drop per-sample gradients
         names = [n for n, _ in model.named_parameters()]
-        extra = {"local_epochs": settings.local_epochs, "local_batch_size": settings.local_batch_size} if epochs else {}
+        extra: dict[str, Any] = ({"local_epochs": settings.local_epochs, "local_batch_size": settings.local_batch_size}
+                                 if epochs else {})
         return SharedUpdate(tensors=tensors, names=names, kind=kind, batch_size=len(x),
                             local_steps=steps if kind == "delta" else 1, lr=lr,
                             meta=self._meta(sigma, clip, divisor, steps, entry), **extra)
@@ -467,6 +496,20 @@ def _poisson_batches(x: torch.Tensor, y: torch.Tensor,
             index = torch.as_tensor(idx, dtype=torch.long)
             batches.append((x[index.to(x.device)], y[index.to(y.device)]))
     return batches, max(1, int(n * q))
+
+
+def _noise_only(entry: _Wrapped, opt: Any, divisor: int) -> list[torch.Tensor]:
+    """FedSGD on an empty batch: what ``DPOptimizer.pre_step`` makes of a zero sum of clipped
+    gradients — N(0, (σ·C)²) per coordinate of each trainable parameter, drawn by Opacus'
+    ``_generate_noise`` from the optimizer's generator in its parameter order, divided by the
+    expected batch size. A forward pass on zero samples is skipped: many layers reject it and
+    the mean loss over nothing is NaN."""
+    from opacus.optimizers.optimizer import _generate_noise
+
+    std = opt.noise_multiplier * opt.max_grad_norm
+    noise = {id(p): _generate_noise(std=std, reference=p.detach(), generator=opt.generator, secure_mode=opt.secure_mode)
+             for p in opt.params}
+    return [noise[id(lp)] / divisor if id(lp) in noise else torch.zeros_like(lp) for lp in entry.params]
 
 
 def _dp_steps(entry: _Wrapped, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], kind: str,
