@@ -47,6 +47,7 @@ def reconstruct(
     :returns: :class:`defenda.Reconstruction` with ``inputs`` ``(B̂, *input_shape)``
         in your model's input space and ``labels`` when the attack recovers them.
     """
+    from defenda.grants import visible_update
     from defenda.plugins import get_plugins
 
     attack = get_plugins().registry.get("attack", attack_name).cls(**params)
@@ -67,7 +68,7 @@ def reconstruct(
                           batch_size=batch_size or 0, local_steps=local_steps, lr=lr)
     torch.manual_seed(seed)
     model.eval()
-    return attack.reconstruct(update, model, knowledge)
+    return attack.reconstruct(visible_update(update, knowledge), model, knowledge)
 
 
 def infer_input_shape(model: nn.Module) -> tuple[int, ...]:

@@ -1,11 +1,14 @@
-"""What an attacker is told: the :class:`~defenda.records.Knowledge` for a set of granted flags.
+"""What an attacker is told: the :class:`~defenda.records.Knowledge` for a set of granted flags,
+and the :class:`~defenda.records.SharedUpdate` as that attacker may see it.
 
 One builder for the harness (each trial) and the plugin authors' test helper
-(the tiny case), so both grant exactly the same values for the same flags.
+(the tiny case), so both grant exactly the same values for the same flags; one
+filter (:func:`visible_update`) so the update cannot leak what the flags withhold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -13,7 +16,14 @@ from torch import nn
 
 from defenda.federation.history import GradientHistory
 from defenda.models import bn_stats
-from defenda.records import KNOWLEDGE_FLAGS, Knowledge, TaskData
+from defenda.records import KNOWLEDGE_FLAGS, Knowledge, SharedUpdate, TaskData
+
+#: ``SharedUpdate.meta`` keys the server knows by protocol whatever the grants. None today: every
+#: built-in key is a defense's internal setting (``noise_scale``, ``client_noise_std``,
+#: ``client_batch_size``, ``quant_bits``, ``prune_fraction``, DP calibration, secure-aggregation
+#: bookkeeping), and what the tensors themselves show (zeros, quantisation levels) stays visible
+#: in them and in ``masks``. A key added here is told to every attacker.
+PUBLIC_META_KEYS: frozenset[str] = frozenset()
 
 
 def grant_knowledge(flags: Iterable[str], data: TaskData, model: nn.Module, y: torch.Tensor, *, lr: float,
@@ -37,4 +47,21 @@ def grant_knowledge(flags: Iterable[str], data: TaskData, model: nn.Module, y: t
         history=GradientHistory(*data.public, lr=lr) if "gradient_history" in granted else None,
         bn_stats=bn_stats(model) if "bn_stats" in granted else None,
         device=device, seed=seed, cache_dir=cache_dir,
+    )
+
+
+def visible_update(update: SharedUpdate, knowledge: Knowledge) -> SharedUpdate:
+    """``update`` as the attacker holding ``knowledge`` may see it: the one place that filters it.
+
+    Kept: the tensors, names, kind and masks (what the server receives), and the protocol the
+    server configured (``local_steps``, ``local_epochs``, ``local_batch_size``). ``batch_size``
+    only with the ``batch_size`` grant (else 0, "not told"); ``lr`` only with ``lr`` (else None);
+    ``meta`` only its :data:`PUBLIC_META_KEYS`. A shallow copy: tensors are shared, not copied.
+    """
+    granted = knowledge.granted
+    return dataclasses.replace(
+        update,
+        batch_size=update.batch_size if "batch_size" in granted else 0,
+        lr=update.lr if "lr" in granted else None,
+        meta={k: v for k, v in update.meta.items() if k in PUBLIC_META_KEYS},
     )

@@ -181,14 +181,15 @@ def predicted_update(
     """What the client would share for the candidate ``(x, y)``, in the form of ``update``.
 
     A gradient for ``kind == "gradient"``; for ``"delta"``, the unrolled FedAvg delta
-    with the update's local steps (or epochs of mini-batches) at ``lr`` (default
-    ``update.lr``, else 0.1). One local step is matched as a negated gradient (same cosine, cheaper).
+    with the update's local steps (or epochs of mini-batches) at ``lr`` (default 0.1; attacks pass
+    the granted ``knowledge.lr``, never ``update.lr``, which :func:`defenda.grants.visible_update`
+    withholds without the ``lr`` grant). One local step is matched as a negated gradient (same cosine, cheaper).
     """
     if update.kind == "gradient":
         return parameter_gradients(model, x, y, create_graph)
     if update.kind != "delta":
         raise ValueError(f"unknown update kind {update.kind!r}")
-    step = lr if lr is not None else (update.lr if update.lr is not None else 0.1)
+    step = lr if lr is not None else 0.1
     if update.local_steps <= 1:
         return [-step * g for g in parameter_gradients(model, x, y, create_graph)]
     return simulate_delta(model, x, y, local_steps=update.local_steps, lr=step, create_graph=create_graph,

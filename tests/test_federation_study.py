@@ -28,7 +28,7 @@ def _study(**federation):
         "study": {"name": "fl", "seeds": [0], "knowledge": ["batch_size"], "server": "malicious"},
         "federation": fed,
         "task": {"name": "breast-cancer", "model": "mlp", "widths": [32]},
-        "attacks": [{"name": "spear", "time_budget_s": 1.0}],
+        "attacks": [{"name": "spear", "max_proposals": 50_000}],
         "defenses": [{"name": "none"}, {"name": "dp-sgd", "noise_multiplier": 1.0},
                      {"name": "dp-fedavg", "noise_multiplier": 1.0},
                      {"name": "secure-aggregation", "quantization_range": 0},

@@ -75,6 +75,7 @@ def _match(x: torch.Tensor, xhat: torch.Tensor) -> tuple[np.ndarray, np.ndarray,
 
 
 def _attack(data: TaskData, seed: int, **params):
+    params.setdefault("refine_steps", 0)  # the tensor step alone (module docstring)
     torch.manual_seed(seed)
     att = Stein(**params)
     model = att.prepare_model(torch.nn.Linear(1, 1), data)

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from defenda.grants import visible_update
 from defenda.testing.probes import _class_problems, _construct, _model_changes, _Problems, _snapshot, _timed
 from defenda.testing.tiny import TINY_LOCAL_STEPS, TINY_LR, TinyCase, make_tiny_case
 
@@ -46,7 +47,9 @@ def check_defense(
     untouched; gives identical tensors for the same seed; runs within ``budget_s``
     each; ``client_batch_size`` and ``epsilon`` return sensible values; in a federation the
     aggregation weights sum to at most 1, ``secure_aggregate`` (when the defense hides client
-    updates) and ``server_update`` return aligned updates, and the accounting hooks answer sensibly.
+    updates) and ``server_update`` return aligned updates, and the accounting hooks answer sensibly;
+    a defense with ``poisson_sampling`` accepts an empty FedSGD batch and accounts the rate
+    q = min(1, b/n_k) the federation draws at.
     """
     problems = _Problems(f"defense {getattr(cls, '__name__', cls)!r}")
     _class_problems("defense", cls, problems)
@@ -61,6 +64,7 @@ def check_defense(
             first = first or update
     _accounting_problems(defense, problems)
     _federation_problems(defense, case, problems)
+    _poisson_problems(defense, case, problems)
     problems.raise_if_any()
     assert first is not None
     return first
@@ -184,6 +188,35 @@ def _federation_problems(defense: Defense, case: TinyCase, problems: _Problems) 
         problems.add(f"a federation hook raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
+def _poisson_problems(defense: Defense, case: TinyCase, problems: _Problems) -> None:
+    """A defense whose accounting assumes Poisson batches gets them in a federation, and with them
+    empty batches: its update on one must be well formed, and its ledger rate the drawing rate."""
+    import torch
+
+    from defenda.records import RoundSettings
+
+    flag = defense.poisson_sampling
+    if not problems.check(isinstance(flag, bool), f"poisson_sampling is {flag!r}; expected True or False"):
+        return
+    if not flag:
+        return
+    n = len(case.x)
+    b = max(1, n // 2)
+    settings = RoundSettings(kind="gradient", lr=TINY_LR, local_batch_size=b, client_samples=n)
+    label = f"{defense!r}.client_update(empty Poisson batch)"
+    try:
+        model = case.fresh_model()
+        update = defense.client_update(model, case.x[:0].clone(), case.y[:0].clone(), settings,
+                                       torch.Generator().manual_seed(case.seed))
+        _check_update(update, model, "gradient", problems, label)
+        entry = defense.sample_ledger_entry(settings, b)
+        problems.check(entry is not None and abs(entry[1] - min(1.0, b / n)) < 1e-12,
+                       f"sample_ledger_entry() of a Poisson batch at rate {b}/{n} returned {entry!r}; "
+                       "its q must be the rate the batch is drawn at")
+    except Exception as exc:
+        problems.add(f"{label} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
 # --------------------------------------------------------------------------- attacks
 
 
@@ -267,7 +300,9 @@ def _attack_run(attack: Attack, case: TinyCase, knowledge: Knowledge, problems: 
     model.eval()
     before = _snapshot(model)
     torch.manual_seed(case.seed + 1)
-    rec = _timed(problems, budget_s, "reconstruct()", attack.reconstruct, update, model, knowledge)
+    # the attack sees the update as the harness shows it: only what its knowledge grants
+    rec = _timed(problems, budget_s, "reconstruct()", attack.reconstruct, visible_update(update, knowledge), model,
+                 knowledge)
     for change in _model_changes(model, before):
         problems.add(f"reconstruct() {change}; an attack must leave the model unchanged")
     if not isinstance(rec, Reconstruction):

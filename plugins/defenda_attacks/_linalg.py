@@ -18,3 +18,14 @@ def estimate_rank(s: torch.Tensor, rtol: float) -> int:
     logs = torch.log(rel.clamp_min(1e-300))
     gaps = logs[:-1] - logs[1:]
     return int(torch.argmax(gaps)) + 1 if gaps.numel() else r
+
+
+def lstsq(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``argmin_X ‖A X − B‖`` by :func:`torch.linalg.lstsq`, with the driver pinned on the CPU.
+
+    The CPU default (``gelsy``, QR with column pivoting) is not bitwise reproducible across
+    runs: its last bits vary with the blocking and threading LAPACK picks. ``gelsd`` (SVD,
+    divide and conquer) is deterministic for the same inputs; CUDA has only ``gels``.
+    """
+    driver = "gelsd" if A.device.type == "cpu" else None
+    return torch.linalg.lstsq(A, B, driver=driver).solution

@@ -48,8 +48,11 @@ candidates fail it; the count of samples that pass is ``n_exact``.
 
 Under noise (DP, noise defenses) no test passes; peeling then accepts rows whose
 candidate is nearly consistent (``_approx_peel``) and the attack returns the best
-batch it can assemble (``_fallback_batch`` when the search finds none), flagged
-as approximate.
+batch it can assemble (``_fallback_batch`` when the search finds none: missing
+columns filled with directions orthogonal to the found ones, and ``Q`` inverted
+Tikhonov-regularised so a near-singular ``Q`` cannot blow the inputs up), flagged
+as approximate. The plugin clips non-exact samples to the input box (images) or
+to ``|x| ≤ approx_bound`` (tabular, model space).
 """
 
 from __future__ import annotations
@@ -70,6 +73,21 @@ __all__ = ["SpearParams", "SpearResult", "spear_recover", "sparsity_threshold", 
 _PROBE_ROWS = 64
 # Most trial swaps the selection stage scores before it settles for the batch it has.
 _MAX_SWAPS = 100
+#: The sampling search's work budget (proposals). Counted in work, not seconds, so the same
+#: inputs give the same batch on any machine and under any load; 5·10⁵ proposals take about
+#: 3–5 s on one core at B' = 16–24 (the cost of one proposal grows with B'), the 5 s wall-clock
+#: budget the default studies used before.
+DEFAULT_MAX_PROPOSALS = 500_000
+# The search assembles a batch from its pool at geometrically spaced proposal counts (each
+# checkpoint this factor beyond the last), so assembly stays a small share of the work
+# whatever the pool does, and where it happens depends only on the proposals tried.
+_ASSEMBLE_GROWTH = 1.25
+# Tikhonov weight of the approximate (noisy) assembly, relative to the largest singular value
+# of Q: a near-singular Q would otherwise amplify the noise without bound (inputs of 1e15).
+# 0.1 measured on breast-cancer B = 4 (quantize 2 bits, prune 0.99, noise 0.1): max |x̂| 10²–10³
+# → 5–22 before clipping; digits B = 8 under relative noise 0.1–1 gains 0–2 dB; 0.3 and 1
+# shrink further toward the blank guess without a consistent gain.
+_APPROX_RIDGE = 0.1
 
 
 @dataclass(frozen=True)
@@ -80,11 +98,17 @@ class SpearParams:
     the plugin alone reads the rest (layer choice, labels, CNN feature inversion).
     ``rank_tol`` / ``zero_tol`` 0 pick them from the gradient's precision (1e-10 / 1e-8 for
     float64, 1e-5 / 1e-5 below); ``sparsity_threshold`` 0 means calibrated: the
-    ``false_rejection`` quantile of Binomial(alive, p).
+    ``false_rejection`` quantile of Binomial(alive, p). The search stops after ``max_proposals``
+    proposals (a budget in work: deterministic); ``time_budget_s`` > 0 adds a wall-clock cap
+    that makes results depend on machine load (off by default).
     """
 
-    max_proposals: int = param(10_000_000, "most (B-1)-row submatrices the sampling stage tries")
-    time_budget_s: float = param(60.0, "wall-clock budget; when spent, return the batch found so far")
+    max_proposals: int = param(
+        DEFAULT_MAX_PROPOSALS, "most (B-1)-row submatrices the sampling stage tries (the work budget)"
+    )
+    time_budget_s: float = param(
+        0.0, "optional wall-clock safety cap in seconds (0 = none); when set, results depend on machine load"
+    )
     chunk_size: int = param(4096, "proposals solved together in one vectorised chunk")
     rank_tol: float = param(0.0, "relative singular-value cut for the batch size (0: 1e-10 float64, 1e-5 float32)")
     zero_tol: float = param(0.0, "relative size below which an entry of G counts as zero (0: by precision)")
@@ -95,6 +119,9 @@ class SpearParams:
     min_sparsity: float = param(0.05, "weakest candidate kept in the pool, as a share of alive neurons")
     peel: bool = param(True, "peel off samples from neurons that a single remaining sample activates")
     approx_max_proposals: int = param(20_000, "proposal budget when the update is noisy (no exact structure)")
+    approx_bound: float = param(
+        10.0, "without an input box, non-exact samples are clipped to |x| <= this (model space: feature SDs)"
+    )
     layer: str = param("", "name of the Linear layer to attack (empty: the first Linear followed by ReLU)")
     recover_labels: bool = param(True, "recover labels from the per-sample gradients (when the layer is found)")
     feature_inversion_steps: int = param(300, "Adam steps inverting recovered CNN features to images (0: off)")
@@ -220,6 +247,11 @@ class _Final(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _out_of_time(t_start: float, budget_s: float) -> bool:
+    """The optional wall-clock cap (``budget_s`` ≤ 0: none, so the work budget alone decides)."""
+    return budget_s > 0 and time.perf_counter() - t_start > budget_s
 
 
 def _precision_tols(dtype: torch.dtype) -> tuple[float, float]:
@@ -369,13 +401,36 @@ def _purify(Xc: torch.Tensor, Qt: torch.Tensor, U: torch.Tensor, S: torch.Tensor
     return X, G
 
 
-def _assemble(Ghat: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, db: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _ridge_solve(A: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``argmin ‖A x − rhs‖² + (ridge·s₁)² ‖x‖²`` (s₁ the largest singular value of ``A``), by SVD.
+
+    Each singular direction is amplified by at most ``1 / (2·ridge·s₁)``, so a near-singular ``A``
+    gives a bounded answer instead of one blown up by its smallest singular value.
+    """
+    U, sv, Vh = torch.linalg.svd(A, full_matrices=False)
+    lam = ridge * float(sv[0]) if sv.numel() else 0.0
+    filt = sv / (sv * sv + lam * lam).clamp_min(1e-300)
+    coef = U.T @ rhs
+    coef = coef * (filt if coef.ndim == 1 else filt[:, None])
+    return Vh.T @ coef
+
+
+def _assemble(Ghat: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, db: torch.Tensor,
+              ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Inputs and scaled G from column directions ``Ghat`` (m×k) in a rank-k problem ``U S Vh``.
 
     ``q_j = S⁻¹ Uᵀ ĝ_j``; scales from the bias gradient ``Q s = S⁻¹ Uᵀ ∂L/∂b``; ``X = Q⁻¹ Vh``.
+    ``ridge`` > 0 (approximate batches only) solves both systems Tikhonov-regularised
+    (:func:`_ridge_solve`): exact columns never need it, and it keeps guessed ones bounded.
     """
     Qh = (U.T @ Ghat) / S[:, None]
+    if ridge > 0:
+        sr = _ridge_solve(Qh, (U.T @ db) / S, ridge)
+        sr = torch.where(sr.abs() < 1e-300, torch.full_like(sr, 1e-300), sr)
+        Xr = _ridge_solve(Qh * sr[None, :], Vh, ridge)
+        if not (bool(torch.isfinite(Xr).all()) and bool(torch.isfinite(sr).all())):
+            return None
+        return Xr, Ghat * sr[None, :]
     try:
         s = torch.linalg.solve(Qh, (U.T @ db) / S)
     except RuntimeError:
@@ -629,7 +684,7 @@ def _exact_peel(prob: _Problem, full: _Full, t_start: float, budget_s: float) ->
     rows = full.alive.clone()
     row_ref = dW.norm(dim=1).clamp_min(1e-300)
     while len(cand_x) < B:
-        if time.perf_counter() - t_start > budget_s:
+        if _out_of_time(t_start, budget_s):
             break
         Xc, counts = _row_candidates(full, RW, Rb, rows & (RW.norm(dim=1) > 10 * zero_tol * row_ref), cand_x)
         if Xc.shape[0] == 0:
@@ -699,7 +754,7 @@ def _approx_peel(full: _Full, dW: torch.Tensor, db: torch.Tensor, B: int, t_star
     found_g: list[torch.Tensor] = []
     RW, Rb = dW.clone(), db.clone()
     for _ in range(B):
-        if len(found_x) >= B or time.perf_counter() - t_start > budget_s:
+        if len(found_x) >= B or _out_of_time(t_start, budget_s):
             break
         scored = _approx_candidates(full, RW, Rb, found_x, accept)
         if scored is None:
@@ -834,20 +889,19 @@ def _search(sampler: _Sampler, res: _Residual, full: _Full, clean: bool, params:
         t_assemble += time.perf_counter() - ta
         full_ok = best is not None and best.n_ok == Bp
     pending = False
-    last_end, last_cost = 0.0, 0.0
+    next_assembly = 0  # proposals tried at which the pool is next assembled
     while not full_ok and Bp > 1 and res.n_alive >= Bp:
-        out_of_time = time.perf_counter() - t_start > params.time_budget_s
+        out_of_time = _out_of_time(t_start, params.time_budget_s)
         out_of_props = sampler.tried >= budget
         if not (out_of_time or out_of_props):
             pending |= sampler.chunk(min(params.chunk_size, budget - sampler.tried)) > 0
-        # assemble when the pool changed, spending at most about a third of the time on it
-        now = time.perf_counter()
-        if pending and (out_of_time or out_of_props or now - last_end >= 2 * last_cost):
+        # assemble when the pool changed, at proposal counts only (not seconds): deterministic
+        if pending and (out_of_time or out_of_props or sampler.tried >= next_assembly):
             pending = False
+            now = time.perf_counter()
             found = _select(sampler, res, full, clean)
-            last_end = time.perf_counter()
-            last_cost = last_end - now
-            t_assemble += last_cost
+            t_assemble += time.perf_counter() - now
+            next_assembly = max(int(sampler.tried * _ASSEMBLE_GROWTH), sampler.tried + params.chunk_size)
             if found is not None and (best is None or found.n_ok > best.n_ok):
                 best = found
                 full_ok = found.n_ok == Bp
@@ -959,7 +1013,7 @@ def _fallback_batch(sampler: _Sampler, res: _Residual, gen: torch.Generator) -> 
         if float(v.norm()) > 1e-6:
             cols.append(v / v.norm())
     Ghat = torch.stack([U2 @ c for c in cols], 1)
-    out = _assemble(Ghat, U2, S2, Vh2, res.Rb)
+    out = _assemble(Ghat, U2, S2, Vh2, res.Rb, ridge=_APPROX_RIDGE)
     if out is None:
         return Vh2.clone(), U2 * S2[None, :]
     return out

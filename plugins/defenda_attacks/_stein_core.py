@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from defenda_attacks._linalg import estimate_rank
+from defenda_attacks._linalg import estimate_rank, lstsq
 
 Act = Callable[[torch.Tensor], torch.Tensor]
 
@@ -195,7 +195,7 @@ def principal_rows(
 
 def regress_out(Y: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     """``Y`` minus its least-squares fit on the columns of ``feats`` (m, F): a control variate."""
-    coef = torch.linalg.lstsq(feats, Y.T).solution
+    coef = lstsq(feats, Y.T)
     return Y - (feats @ coef).T
 
 
@@ -529,7 +529,7 @@ def hidden_activations(act: str, P: torch.Tensor, Z: torch.Tensor) -> torch.Tens
 
 def least_squares(Phi: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, float]:
     """``R`` (K, n) minimising ``‖Y - R Φᵀ‖`` and the relative residual."""
-    sol = torch.linalg.lstsq(Phi, Y.T).solution
+    sol = lstsq(Phi, Y.T)
     res = torch.linalg.norm(Y.T - Phi @ sol) / torch.linalg.norm(Y).clamp_min(1e-300)
     return sol.T, float(res)
 
@@ -577,11 +577,15 @@ def levenberg_marquardt(
     x0: torch.Tensor,
     max_iter: int,
     tol: float = 1e-14,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float, int]:
     """Small dense Levenberg–Marquardt (normal equations, Marquardt scaling) in torch.
 
     For tall problems (many residuals, tens of unknowns) this is much faster than
-    MINPACK's QR. :returns: ``x``, final ``‖fun(x)‖``, number of accepted steps.
+    MINPACK's QR. ``project`` maps each trial point into the feasible set (a box on some
+    coordinates): a projected step is accepted only when it lowers the cost, so an interior
+    optimum is reached exactly as without it. :returns: ``x``, final ``‖fun(x)‖``, number of
+    accepted steps.
     """
     x = x0.clone()
     r = fun(x)
@@ -600,10 +604,11 @@ def levenberg_marquardt(
             except RuntimeError:
                 lam *= 10
                 continue
-            r2 = fun(x + dx)
+            x2 = x + dx if project is None else project(x + dx)
+            r2 = fun(x2)
             c2 = float(r2 @ r2)
             if math.isfinite(c2) and c2 < cost:
-                x, r, accepted = x + dx, r2, True
+                x, r, accepted = x2, r2, True
                 done = cost - c2 <= tol * max(cost, 1e-300)
                 cost = c2
                 lam = max(lam / 3, 1e-12)
@@ -629,11 +634,20 @@ def _stack_jac(Jz: torch.Tensor, sg: torch.Tensor) -> torch.Tensor:
 
 
 def fit_norms(
-    act: str, P: torch.Tensor, Y: torch.Tensor, Zdir: torch.Tensor, rho0: torch.Tensor, max_iter: int = 30
+    act: str,
+    P: torch.Tensor,
+    Y: torch.Tensor,
+    Zdir: torch.Tensor,
+    rho0: torch.Tensor,
+    max_iter: int = 30,
+    rho_max: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Norms ``ρ_i`` by nonlinear least squares of ``Y ≈ R σ(P Z diag(ρ))`` over ``(log ρ, R)``
     (Levenberg–Marquardt, analytic Jacobian, ``R`` started at its linear least-squares value).
     Identifiable for non-homogeneous σ (tanh recovers them exactly).
+
+    ``ρ ≤ rho_max`` is enforced by projection: a noisy ``∇_A`` whose rows look like ``±s`` is
+    best fitted by a saturated σ, so the unbounded fit drives ρ → ∞ (reconstructions of 1e35).
 
     :param P: (m, B) projected weights; :param Y: (K, m); :param Zdir: (B, n) unit directions.
     :returns: ``ρ`` (n,), ``R`` (K, n), relative residual.
@@ -657,7 +671,13 @@ def fit_norms(
         J_rho = R[:, None, :] * (ds * H * rho[None])[None]  # (K, m, n)
         return _stack_jac(J_rho, sg) / scale
 
-    x, res, _ = levenberg_marquardt(fun, jac, torch.cat([torch.log(rho0), R0.reshape(-1)]), max_iter)
+    log_max = math.log(rho_max) if math.isfinite(rho_max) else math.inf
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:n].clamp_max(log_max), x[n:]])
+
+    x0 = project(torch.cat([torch.log(rho0), R0.reshape(-1)]))
+    x, res, _ = levenberg_marquardt(fun, jac, x0, max_iter, project=None if math.isinf(log_max) else project)
     rho, R = unpack(x)
     return rho, R, res
 

@@ -11,7 +11,7 @@ skipped). The model is used in eval mode with double backprop. Of
 
 * Update: ``kind == "gradient"`` (FedSGD) or ``"delta"`` (FedAvg; the client's
   ``local_steps`` SGD steps are unrolled with its learning rate: ``local_lr``,
-  else ``knowledge.lr`` when granted, else ``update.lr``).
+  else ``knowledge.lr`` when granted, else 0.1; never the update's own ``lr``).
 * Labels ``ŷ`` (``(B̂,)``): ``knowledge.labels`` when granted, else recovered
   analytically (iDLG for B̂ = 1, bias-corrected counting for B̂ > 1).
 * Batch size B̂: ``knowledge.batch_size`` (or the number of known labels) when
@@ -66,7 +66,7 @@ class Geiping(Attack):
         masked (str, "auto"): compare only the kept coordinates: ``auto`` (``update.masks``),
             ``always`` (those, else the non-zero ones) or ``never``.
         local_lr (float | None, None): the client's learning rate for FedAvg deltas
-            (None: ``knowledge.lr``, else ``update.lr``).
+            (None: ``knowledge.lr`` when granted, else 0.1).
 
     Shapes:
         update: one tensor per ``model.named_parameters()`` entry.
@@ -101,7 +101,7 @@ class Geiping(Attack):
         masked: str = param("auto", "compare only the coordinates the defense kept (update.masks); "
                             "always: those, else the non-zero ones; never: all", choices=("auto", "always", "never"))
         local_lr: float | None = param(
-            None, "client learning rate for FedAvg deltas (None: knowledge.lr, else update.lr)"
+            None, "client learning rate for FedAvg deltas (None: knowledge.lr when granted, else 0.1)"
         )
 
     def reconstruct(self, update: SharedUpdate, model: nn.Module, knowledge: Knowledge) -> Reconstruction:
@@ -129,7 +129,7 @@ class Geiping(Attack):
         box = knowledge.box if (p.boxed and image) else None
         lr = p.local_lr or knowledge.lr or None
 
-        distance = matching_loss(observed, masks=masks, cost=p.cost)  # type: ignore[arg-type]
+        distance = matching_loss(observed, masks=masks, cost=p.cost)
 
         def objective(x: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
             loss = distance(predicted_update(model, x, labels, update, lr=lr, create_graph=create_graph))
@@ -152,6 +152,7 @@ class Geiping(Attack):
             "labels_known": known,
             "masked": masks is not None,
         }
+        assert best_x is not None  # restarts >= 1: at least one run
         return Reconstruction(inputs=best_x.cpu(), labels=labels.cpu(), info=info)
 
     def _optimise(self, objective: Any, x0: torch.Tensor, box: Any) -> torch.Tensor:

@@ -106,8 +106,11 @@ class Spear(Attack):
     best approximate batch is returned with ``info["approximate"] = True``.
 
     Arguments:
-        max_proposals (int, 10_000_000): most (B−1)-row submatrices the sampling stage tries.
-        time_budget_s (float, 60.0): wall-clock budget; when spent, return the batch found so far.
+        max_proposals (int, 500_000): most (B−1)-row submatrices the sampling stage tries: the search's
+            budget, counted in work so that results do not depend on the machine or its load
+            (5·10⁵ take about 3–5 s on one CPU core at B = 16–24).
+        time_budget_s (float, 0.0): optional wall-clock safety cap in seconds (0 = none); when set,
+            results depend on machine load.
         chunk_size (int, 4096): proposals solved together in one vectorised chunk.
         rank_tol (float, 0.0): relative singular-value cut for the batch size (0: 1e-10 float64, 1e-5 float32).
         zero_tol (float, 0.0): relative size below which an entry of G counts as zero (0: by precision).
@@ -116,6 +119,8 @@ class Spear(Attack):
         min_sparsity (float, 0.05): weakest candidate kept in the pool, as a share of alive neurons.
         peel (bool, True): peel off samples from neurons that a single remaining sample activates.
         approx_max_proposals (int, 20_000): proposal budget when the update is noisy.
+        approx_bound (float, 10.0): without an input box (tabular), non-exact samples are clipped to
+            ``|x| ≤ approx_bound`` in model space (standard deviations of a standardised feature).
         layer (str, ""): name of the Linear layer to attack (empty: the first Linear followed by ReLU).
         recover_labels (bool, True): recover labels from the per-sample gradients.
         feature_inversion_steps (int, 300): Adam steps inverting recovered CNN features to images (0: off).
@@ -173,13 +178,7 @@ class Spear(Attack):
         info = _info(res, layer.name)
         feats = res.inputs.to(device=device, dtype=dtype)
         if layer.is_first:
-            inputs = feats.reshape(Bh, *shape)
-            box = knowledge.box
-            if box is not None and not bool(res.exact.all()):
-                # samples that are not exact are only guesses: keep them inside the valid image range
-                lo, hi = (t.to(device=device, dtype=dtype) for t in box)
-                keep = res.exact.to(device).reshape(-1, *([1] * len(shape)))
-                inputs = torch.where(keep, inputs, torch.maximum(torch.minimum(inputs, hi), lo))
+            inputs = _bound_guesses(feats.reshape(Bh, *shape), res.exact, knowledge, p.approx_bound)
         else:
             if p.features_in_info:
                 info["features"] = res.inputs.tolist()
@@ -240,13 +239,30 @@ class Spear(Attack):
                 (x.grad,) = torch.autograd.grad(loss, [x])  # leaves the model's .grad untouched
                 opt.step()
                 loss_val = float(loss.detach())
-                if lo is not None:
+                if lo is not None and hi is not None:
                     with torch.no_grad():
                         x.copy_(torch.maximum(torch.minimum(x, hi), lo))
         finally:
             h.remove()
         info["feature_inversion_loss"] = loss_val
         return x.detach()
+
+
+def _bound_guesses(inputs: torch.Tensor, exact: torch.Tensor, knowledge: Knowledge, bound: float) -> torch.Tensor:
+    """Samples that are not exact are only guesses: clipped to the valid image box, or without one
+    (tabular) to ``|x| ≤ bound`` in model space; NaNs become 0 (the blank guess). Exact samples stay."""
+    if bool(exact.all()):
+        return inputs
+    device, dtype = inputs.device, inputs.dtype
+    keep = exact.to(device).reshape(-1, *([1] * (inputs.ndim - 1)))
+    guess = torch.nan_to_num(inputs, nan=0.0)
+    box = knowledge.box
+    if box is not None:
+        lo, hi = (t.to(device=device, dtype=dtype) for t in box)
+        guess = torch.maximum(torch.minimum(guess, hi), lo)
+    elif bound > 0:
+        guess = guess.clamp(-bound, bound)
+    return torch.where(keep, inputs, guess)
 
 
 def _info(res: SpearResult, layer: str) -> dict[str, Any]:
@@ -282,7 +298,7 @@ def _update_tensor(update: SharedUpdate, model: nn.Module, name: str) -> torch.T
     raise ValueError(f"spear: the update has no tensor for parameter '{name}'")
 
 
-def _labels_from_grad_z(model: nn.Module, lin: nn.Module, feats: torch.Tensor, grad_z: torch.Tensor,
+def _labels_from_grad_z(model: nn.Module, lin: nn.Linear, feats: torch.Tensor, grad_z: torch.Tensor,
                         knowledge: Knowledge, kind: str) -> torch.Tensor:
     """Per sample, the class whose loss gradient at the layer output best matches the recovered column of G.
 
