@@ -88,7 +88,10 @@ class GradientHistory:
         ``model`` is updated in place after each yielded round
         (``θ ← θ − lr·mean_k g_k``), so the global model drifts as in federated
         training; a resumed run (``start`` > 0, with the model of that round) sees
-        the same rounds as an uninterrupted one.
+        the same rounds as an uninterrupted one. The step of round t happens when round
+        t + 1 is requested (or the iterator ends), after the consumer has seen round t: a
+        checkpoint to resume from after round t must copy ``model`` at that point, not
+        while it handles round t.
         """
         if clients < 1:
             raise ValueError(f"clients per round must be >= 1, got {clients}")

@@ -5,6 +5,13 @@ runs the attack trials and writes each row with that utility. Jobs run in
 an executor (in-process, a local process pool, or Dask); only this process
 writes the store, one committed transaction per row, so a crash loses at most
 the jobs in flight and re-running the same command resumes.
+
+Same study, same numbers: every job runs through :func:`pinned_job`, on
+:data:`~defenda.harness.services.JOB_THREADS` threads (recorded in its row's
+``extra["threads"]``) whatever the executor, the worker count and the machine, and seeds only
+from the job itself (the trial and training code seed torch from the job's
+seed; cached priors are functions of their cache keys). So an in-process run,
+N workers, Dask and a killed-and-resumed run store the same rows.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from defenda.harness.jobs import Trial, UtilityJob
+from defenda.harness.services import JOB_THREADS, pinned_threads
 from defenda.harness.store import Store
 from defenda.harness.study import Study, check_against_data
 from defenda.plugins import Plugins, get_plugins, set_plugins
@@ -25,6 +33,19 @@ from defenda.plugins import Plugins, get_plugins, set_plugins
 #: (function, arguments, failure row builder): the builder makes the job's row when its worker
 #: hangs past the time limit or dies (out of memory, segfault), so that trial still gets a row.
 Job = tuple[Callable[..., Any], tuple[Any, ...], Callable[[str, str], Any]]
+
+
+def pinned_job(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one job (a trial or a training run) on ``threads`` threads and record them in its row.
+
+    In the job's own process, so it holds for every executor: the thread count a worker
+    was started with (or Dask's) would otherwise decide the float summation order.
+    """
+    with pinned_threads(threads):
+        out = fn(*args)
+    row = out[0] if isinstance(out, tuple) else out  # a trial returns (row, arrays)
+    row["extra"] = {**(row.get("extra") or {}), "threads": threads}
+    return out
 
 
 class InlineExecutor:
@@ -70,7 +91,7 @@ def _worker_main(conn: Any, threads: int, memory_gb: float, stage: Any) -> None:
     from defenda.harness import services
     from defenda.plugins import get_plugins
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # between jobs too (plugin import); each job pins its own (pinned_job)
     services.STAGE = stage
     get_plugins()  # load the plugins now, while the parent is still preparing the study
     while True:
@@ -115,7 +136,7 @@ class IsolatedExecutor:
 
         self.ctx = mp.get_context("spawn")
         self.n, self.timeout, self.memory_gb = workers, timeout, memory_gb
-        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.threads = JOB_THREADS
         self.workers: list[_Worker] = []
 
     def _spawn(self) -> _Worker:
@@ -180,7 +201,12 @@ class IsolatedExecutor:
 
 
 class DaskExecutor:
-    """Runs the same jobs on a Dask distributed cluster (``--executor dask --scheduler ADDRESS``)."""
+    """Runs the same jobs on a Dask distributed cluster (``--executor dask --scheduler ADDRESS``).
+
+    A Dask worker with several threads still runs one job at a time (:func:`pinned_job` holds a
+    process-wide lock): the thread count and torch's global RNG are per process. Use processes,
+    ``threads_per_worker=1``, for parallelism.
+    """
 
     def __init__(self, scheduler: str | Any | None) -> None:
         from dask.distributed import Client
@@ -248,6 +274,8 @@ def run_study(
 
     plugins = plugins or get_plugins()
     limits = {"timeout": float(study.settings["timeout"]), "memory_gb": float(study.settings["memory_limit_gb"])}
+    # the study's (a "threads" setting, when [study] has one) or JOB_THREADS: never the machine's
+    threads = int(study.settings.get("threads") or JOB_THREADS)
     if executor == "local" and workers == 1:
         set_plugins(plugins)  # in-process trials use exactly these plugins
     pool = make_executor(workers, executor, scheduler, **limits)
@@ -271,7 +299,7 @@ def run_study(
             utility_jobs = _utility_jobs(todo, store)
             where = "dask" if executor == "dask" else f"{workers} worker{'s' if workers > 1 else ''}"
             bar = Progress(len(utility_jobs) + len(todo), progress, f"{study.name} ({where})")  # one bar for all
-            ujobs = [(run_utility, (job, device, str(out_dir)), partial(failed_utility, job))
+            ujobs = [(pinned_job, (threads, run_utility, job, device, str(out_dir)), partial(failed_utility, job))
                      for job in utility_jobs]
             for row in pool.map_unordered(ujobs):
                 store.add_utility(row)
@@ -284,7 +312,8 @@ def run_study(
                 store.add_trial(row)
                 counts["error"] += 1
                 bar.update(f"{trial.attack}/{trial.defense} error")
-            jobs = [(run_trial, (dataclasses.replace(t, cache_dir=cache_dir, out_dir=str(out_dir)), device),
+            jobs = [(pinned_job, (threads, run_trial, dataclasses.replace(t, cache_dir=cache_dir,
+                                                                          out_dir=str(out_dir)), device),
                      partial(failed_trial, t)) for t in todo]
             by_key = {t.key: t for t in todo}
             for row, arrays in pool.map_unordered(jobs):
@@ -307,10 +336,15 @@ def merge_utility(row: dict[str, Any], util: dict[str, Any]) -> None:
     extra = util.get("extra") or {}
     if row.get("round") is None or not extra:
         return
-    row["epsilon_round"] = (extra.get("epsilon_at") or {}).get(f"{row['round']}:{row.get('client')}")
+    at = f"{row['round']}:{row.get('client')}"
+    row["epsilon_round"] = (extra.get("epsilon_at") or {}).get(at)
+    row["epsilon_release"] = (extra.get("epsilon_release_at") or {}).get(at)
+    rero = (extra.get("rero_at") or {}).get(at)
+    row["rero_bound"] = rero.get("bound") if rero else None
     dp = extra.get("dp") or {}
     row["extra"] = {**(row.get("extra") or {}), "dp_level": dp.get("level"), "delta": dp.get("delta"),
-                    "accountant": dp.get("accountant"), "noise_position": extra.get("noise_position")}
+                    "accountant": dp.get("accountant"), "noise_position": extra.get("noise_position"),
+                    "rero": rero}
 
 
 def _runs_failed(todo: list[Trial], utility_of: Callable[[str], dict[str, Any] | None]

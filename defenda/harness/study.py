@@ -40,6 +40,7 @@ STUDY_KEYS: dict[str, tuple[type | tuple[type, ...], str, Any]] = {
     "timeout": ((int, float), "seconds one trial may run before it is stopped as an error (0 = no limit)", 0),
     "memory_limit_gb": ((int, float), "memory one trial's worker may allocate, in GiB (0 = no limit)", 0),
     "save_reconstructions": (bool, "true or false", True),
+    "threads": (int, "a positive integer (torch and BLAS threads of each job; the numbers depend on it)", 1),
 }
 
 # A study name becomes a directory name: no separators, no leading dot, so it cannot escape runs/.
@@ -264,7 +265,7 @@ def _parse_settings(table: Any, source: str) -> dict[str, Any]:
         ("update", settings["update"] in ("gradient", "delta")),
         ("server", settings["server"] in ("honest", "malicious")),
         ("delta", 0 <= settings["delta"] < 1), ("timeout", settings["timeout"] >= 0),
-        ("memory_limit_gb", settings["memory_limit_gb"] >= 0),
+        ("memory_limit_gb", settings["memory_limit_gb"] >= 0), ("threads", settings["threads"] >= 1),
         ("knowledge", all(f in KNOWLEDGE_FLAGS for f in settings["knowledge"])),
     ]
     for key, ok in checks:

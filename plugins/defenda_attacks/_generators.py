@@ -21,8 +21,15 @@ Private helper module of the ``gias`` and ``giml`` attacks.
   :func:`training_lock` makes the second worker wait for the first one's prior instead
   of training it again.
 * :func:`cache_key` — a stable hash of the settings *and the data* the generator was
-  trained from (the public split's bytes, or the model architecture for GIML), so one
+  trained from (the public split's bytes, or the initial model and history for GIML), so one
   study trains each prior once.
+
+*Same prior, same bits.* A cached prior is a function of its cache key alone, so it does
+not matter which worker trained it, when, or whether a killed run trained it halfway: the
+training seeds come from the settings in the key (never from the process's RNG), it runs on
+:data:`PRIOR_THREADS` torch threads (:func:`prior_threads`, in the key), the device type is
+in the key, and a checkpoint file's bytes depend on its contents only (:func:`save_state`).
+Two workers that train the same prior at once (no ``fcntl``) write the same bytes.
 
 Images: a generator's output ``G(z) ∈ [−1, 1]`` maps to model space as
 ``x = ((G(z) + 1)/2 − μ)/σ`` (:func:`to_model_space`).
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -45,6 +53,20 @@ from torch.nn import functional as F
 
 #: process-wide memo of trained generators, keyed like the disk cache (used when there is no cache_dir)
 _MEMO: dict[str, dict[str, torch.Tensor]] = {}
+#: torch threads of every prior training, whoever calls it: the thread count changes float summation
+#: order, and GAN / meta-training amplify a last-bit difference into a different generator
+PRIOR_THREADS = 1
+
+
+@contextlib.contextmanager
+def prior_threads() -> Iterator[None]:
+    """Train on :data:`PRIOR_THREADS` torch threads; the caller's count is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(PRIOR_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class CheckpointError(ValueError):
@@ -153,9 +175,16 @@ def train_gan_prior(
     Non-saturating GAN loss, Adam(lr, β = (0.5, 0.99)) for both nets, an R1 gradient
     penalty on real images every ``r1_every`` steps (lazy R1), and the same random translation (up to ``shift`` pixels)
     applied to real and generated images before the discriminator (DiffAugment).
-    The global RNG is untouched (a private generator seeds everything).
+    The global RNG is untouched (a private generator seeds everything); it runs on
+    :data:`PRIOR_THREADS` threads, so the result depends on the arguments only.
     """
-    device = torch.device(device)
+    with prior_threads():
+        return _train_gan(images, latent_dim=latent_dim, width=width, steps=steps, batch_size=batch_size, lr=lr,
+                          shift=shift, r1=r1, r1_every=r1_every, seed=seed, device=torch.device(device))
+
+
+def _train_gan(images: torch.Tensor, *, latent_dim: int, width: int, steps: int, batch_size: int, lr: float,
+               shift: int, r1: float, r1_every: int, seed: int, device: torch.device) -> DCGANGenerator:
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -232,10 +261,16 @@ def save_state(state: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write a (nested) dict of tensors and plain values atomically with ``torch.save``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Serialised to memory first: torch.save names the archive inside the file after the file it
+    # writes, so saving to the random temp name would make equal checkpoints differ in their bytes.
+    buffer = io.BytesIO()
+    torch.save(_to_cpu(state), buffer)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(_to_cpu(state), tmp)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())  # a power loss after the rename must not leave an empty file
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache is meant to be shared like any output file
         os.replace(tmp, path)
     except BaseException:

@@ -6,8 +6,9 @@ public split ``knowledge.public`` only (never on the clients' data), with
 DiffAugment translation because that split is small (~180 digits). It is trained
 once per (public split, generator settings) and cached as a state_dict in
 ``knowledge.cache_dir/generators/`` (loaded with ``weights_only=True``; without a
-cache directory, in this process only). Training uses its own seeds and leaves
-the global RNG untouched.
+cache directory, in this process only). Training uses its own seeds (``prior_seed``),
+leaves the global RNG untouched and runs on one thread, so the cached prior is the
+same bits whichever worker trains it.
 
 *Attack.* Images are ``x_k = ((G(z_k) + 1)/2 − μ)/σ`` (model space, always inside
 the image box). The objective is the shared global-cosine gradient-matching loss
@@ -60,6 +61,7 @@ from defenda.inversion import (
     update_masks,
 )
 from defenda_attacks._generators import (
+    PRIOR_THREADS,
     DCGANGenerator,
     build_generator,
     cache_key,
@@ -205,7 +207,7 @@ class SearchParams:
     masked: str = param("auto", "compare only the coordinates the defense kept (update.masks); "
                         "always: those, else the non-zero ones; never: all", choices=("auto", "always", "never"))
     local_lr: float | None = param(
-        None, "client learning rate for FedAvg deltas (None: knowledge.lr, else update.lr)"
+        None, "client learning rate for FedAvg deltas (None: knowledge.lr, else 0.1)"
     )
     latent_dim: int = param(32, "generator latent size (DCGAN: 100 for 32x32; 32 suffices for 8x8 digits)")
     width: int = param(32, "generator width: channels of its last hidden layer (doubling per up-block)")
@@ -327,7 +329,7 @@ class GIAS(GenerativeInversion):
         masked (str, "auto"): compare only the kept coordinates: ``auto`` (``update.masks``),
             ``always`` (those, else the non-zero ones) or ``never``.
         local_lr (float | None, None): the client's learning rate for FedAvg deltas
-            (None: ``knowledge.lr``, else ``update.lr``).
+            (None: ``knowledge.lr``, else 0.1).
         latent_dim (int, 32): generator latent size.
         width (int, 32): generator width: channels of its last hidden layer (doubling per up-block).
         prior_steps (int, 1500): GAN training steps of the prior on the public split.
@@ -371,9 +373,12 @@ class GIAS(GenerativeInversion):
         p = self.params
         public_x = knowledge.public[0].detach().cpu().float()
         unit = (public_x * knowledge.std.cpu() + knowledge.mean.cpu()).clamp(0, 1)
+        # everything the trained bits depend on (the data are hashed below): which worker trains it,
+        # and when, must not matter (see "Same prior, same bits" in defenda_attacks._generators)
         settings = {
             "latent_dim": p.latent_dim, "width": p.width, "steps": p.prior_steps, "batch": p.prior_batch,
             "lr": p.prior_lr, "shift": p.prior_shift, "seed": p.prior_seed, "version": 2,
+            "threads": PRIOR_THREADS, "device": torch.device(knowledge.device).type,
         }
         key = cache_key("gias-gan", settings, unit)
         generator = build_generator(knowledge.input_shape, p.latent_dim, p.width)
@@ -390,4 +395,4 @@ class GIAS(GenerativeInversion):
                     state = trained.state_dict()
                     store_generator_state(key, knowledge.cache_dir, state)
         load_generator_state(generator, state, key)
-        return generator.eval(), {"prior": key, "prior_cached": cached}
+        return generator.eval(), {"prior": key, "prior_cached": cached, "prior_threads": PRIOR_THREADS}

@@ -27,7 +27,9 @@ by iDLG), and the Reptile meta-update moves the generator toward the adapted cop
 re-initialised with ``meta_seed`` (the server chose it). The meta-learned generator is
 checkpointed every ``checkpoint_every`` rounds in ``knowledge.cache_dir/generators/``
 (state_dicts, loaded with ``weights_only=True``) and reused by later trials; more rounds
-resume from the latest checkpoint.
+resume from the latest checkpoint, and a resumed (or interrupted and re-run) meta-training
+ends in the same bits as an uninterrupted one: seeds per round from ``meta_seed``, one
+thread, and each checkpoint holds the global model after that round's server step.
 
 *Attack.* GIAS with that generator (:mod:`defenda_attacks.gias`): latent search then
 per-image parameter search, the same parameters and behaviour as ``gias``.
@@ -55,6 +57,7 @@ from defenda.inversion import (
 )
 from defenda_attacks._generators import (
     _MEMO,
+    PRIOR_THREADS,
     CheckpointError,
     DCGANGenerator,
     build_generator,
@@ -62,6 +65,7 @@ from defenda_attacks._generators import (
     cache_path,
     load_generator_state,
     load_state,
+    prior_threads,
     save_state,
     to_model_space,
     training_lock,
@@ -170,26 +174,35 @@ def meta_train(
 
     Checkpoints (generator, meta-optimiser, the simulated global model; a state_dict each)
     go to ``cache_dir/generators/<key>-round<t>.pt`` every ``checkpoint_every`` rounds and
-    at the end, where ``key`` hashes the settings, the architecture and the history but not
-    ``rounds``: a later call with more rounds resumes from the latest checkpoint, a call
+    at the end, where ``key`` hashes the settings, the architecture, the initial global model and
+    the history but not ``rounds``: a later call with more rounds resumes from the latest checkpoint, a call
     with fewer or equal rounds loads its checkpoint. Without a cache directory, the
     checkpoints are kept in this process only. Runs on ``device``; checkpoints are CPU tensors.
     """
-    arch = repr(model) + repr([tuple(p.shape) for p in model.parameters()])
-    key = cache_key("giml", {**s.__dict__, "arch": arch, "image_shape": list(image_shape), "version": 2,
-                             "history": history.fingerprint})
     device = torch.device(device)
+    fl_model = reinitialised(model, s.seed)
+    # The key names every input of the result, so a checkpoint is the same bits whoever wrote it:
+    # the federation's initial weights themselves (a module that reset_parameters misses would keep
+    # the victim's round-r weights; hashing them keeps such a prior from being shared across rounds),
+    # the normalisation, the classes (iDLG), the device type and the thread count.
+    arch = repr(model) + repr([tuple(p.shape) for p in model.parameters()])
+    key = cache_key("giml", {**s.__dict__, "arch": arch, "image_shape": list(image_shape), "version": 3,
+                             "history": history.fingerprint, "num_classes": num_classes,
+                             "device": device.type, "threads": PRIOR_THREADS},
+                    mean, std, *fl_model.state_dict().values())
     generator = _untrained(image_shape, s).to(device)
-    fl_model = reinitialised(model, s.seed).to(device)
+    fl_model = fl_model.to(device)
     mean, std = mean.to(device), std.to(device)
     if s.meta_optimizer == "adam":
         meta_opt: torch.optim.Optimizer = torch.optim.Adam(generator.parameters(), lr=s.meta_lr)
     else:  # classic Reptile: θ ← θ + ε(θ' − θ)
         meta_opt = torch.optim.SGD(generator.parameters(), lr=s.meta_lr)
-    with training_lock(cache_dir, key):  # parallel workers: one meta-trains, the others load its checkpoint
+    # parallel workers: one meta-trains, the others load its checkpoint
+    with training_lock(cache_dir, key), prior_threads():
         info, losses = _meta_train_locked(generator, meta_opt, fl_model, history, s, key, rounds=rounds, mean=mean,
                                           std=std, num_classes=num_classes, cache_dir=cache_dir,
                                           checkpoint_every=checkpoint_every)
+    info["prior_threads"] = PRIOR_THREADS
     if losses:
         info["giml_inner_loss_last"] = losses[-1]
     return generator.eval(), info
@@ -213,7 +226,10 @@ def _meta_train_locked(
     info: dict[str, Any] = {"prior": f"{key}-round{rounds}", "prior_cached": start == rounds, "giml_rounds": rounds,
                             "giml_resumed_from": start}
     losses = []
+    due: int | None = None  # a round whose checkpoint waits for the server's step (see below)
     for observed in history.rounds(fl_model, rounds=rounds, clients=s.round_images, start=start):
+        if due is not None:
+            _checkpoint(cache_dir, f"{key}-round{due}", generator, meta_opt, fl_model, due)
         generator.eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed * 1_000_003 + observed.round + 17)
@@ -224,8 +240,12 @@ def _meta_train_locked(
             p.grad = p.detach() - adapted[n]
         meta_opt.step()
         t = observed.round
-        if t == rounds or (checkpoint_every > 0 and t % checkpoint_every == 0):
-            _checkpoint(cache_dir, f"{key}-round{t}", generator, meta_opt, fl_model, t)
+        # Round t's checkpoint is written once the history has applied round t's server step to
+        # fl_model (it does so when the next round is drawn, or when it ends): a run resumed from it
+        # then starts round t + 1 from the same global model as an uninterrupted one.
+        due = t if t == rounds or (checkpoint_every > 0 and t % checkpoint_every == 0) else None
+    if due is not None:
+        _checkpoint(cache_dir, f"{key}-round{due}", generator, meta_opt, fl_model, due)
     return info, losses
 
 
@@ -295,7 +315,7 @@ class GIML(GenerativeInversion):
         masked (str, "auto"): compare only the kept coordinates: ``auto`` (``update.masks``),
             ``always`` (those, else the non-zero ones) or ``never``.
         local_lr (float | None, None): the client's learning rate for FedAvg deltas
-            (None: ``knowledge.lr``, else ``update.lr``).
+            (None: ``knowledge.lr``, else 0.1).
         latent_dim (int, 32): generator latent size.
         width (int, 32): generator width: channels of its last hidden layer (doubling per up-block).
         meta_rounds (int, 40): observed FL rounds GIML meta-learns from (0: untrained generator).
