@@ -166,7 +166,8 @@ def test_unmatched_truth_gets_blank_guess_and_wrong_label():
     assert torch.count_nonzero(rm.inputs[:2]) == 0  # zeros in model space = the data mean
     assert rm.labels.tolist() == [M.UNMATCHED_LABEL, M.UNMATCHED_LABEL, 9]
     assert M.label_accuracy(ym, rm.labels) == pytest.approx(1 / 3)
-    assert rm.info == {"loss": 0.5, "matched_fraction": pytest.approx(1 / 3), "num_reconstructed": 1}
+    assert rm.info == {"loss": 0.5, "matched_fraction": pytest.approx(1 / 3), "num_reconstructed": 1,
+                       "matched_mask": [False, False, True]}
     assert rec.inputs.shape[0] == 1  # the attack's object is not modified
 
 
@@ -332,13 +333,14 @@ def test_plugin_registers_valid_metrics():
     from defenda.registry import _validate
 
     classes = _plugin_classes()
-    assert set(classes) == {"psnr", "ssim", "lpips", "label-acc", "mse", "tabular"}
+    assert set(classes) == {"psnr", "ssim", "lpips", "label-acc", "mse", "tabular", "success"}
     for cls in classes.values():
         assert _validate("metric", cls) == [], cls
     assert classes["tabular"].columns == ("mae", "feature_acc")
     assert classes["tabular"].task_kinds == frozenset({"tabular"})
     assert classes["label-acc"].columns == ("label_acc",)
     assert classes["label-acc"].task_kinds == frozenset({"image", "tabular"})
+    assert classes["success"].columns == ("exact_rate", "recognised_rate", "ident_acc")
     assert classes["lpips"](backbone_path="/x.pth").params.backbone_path == "/x.pth"
 
 

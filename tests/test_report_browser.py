@@ -69,4 +69,8 @@ def test_the_report_renders_in_a_browser(tmp_path: Path) -> None:
     for table, records in zip(seen["tables"], expected):
         assert len(table["rows"]) == records  # one row per record
         assert all(cells == table["headers"] for cells in table["rows"])  # as many cells as headers
-    assert len(seen["images"]) >= 3 and all(i["ok"] for i in seen["images"]), seen["images"]
+    assert len(seen["images"]) >= 4 and all(i["ok"] for i in seen["images"]), seen["images"]
+    # issue 14's tables (success rates, bounds beside ε) and the bounds figure are among those checked
+    text = index.read_text(encoding="utf-8")
+    assert "### Success rates" in text and "### Reconstruction bounds beside ε" in text
+    assert len(seen["tables"]) >= 6 and "bounds digits" in {i["alt"] for i in seen["images"]}

@@ -69,17 +69,47 @@ def _add_trial(store: Store, fed: dict[str, Any], attack: str, base: float, serv
     k = fed["clients_per_round"]
     hidden = defense == "secure-aggregation"
     psnr = base - 3.0 * rnd + 0.5 * seed - (2.0 * k if hidden else 0.0) - (8.0 * (strength or 0) if level else 0)
-    store.add_trial({
+    rates, extra = trust_fields(psnr, seed, strength if level == "sample" else None, noise == "after")
+    store.add_trial({**rates,
         "key": _key("t", k, attack, defense, strength, seed, rnd), "study": "syn-fl", "task": "digits",
         "attack": attack, "defense": defense, "strength": strength, "batch_size": 4, "seed": seed,
         "params": {"task": {}, "attack": {}, "defense": {}, "federation": fed, "target": 0},
         "status": "ok", "reason": "", "plugin": "test", "psnr": psnr, "test_acc": acc,
         "epsilon": 3.0 if level else None, "server": server, "knowledge": {}, "versions": {},
         "extra": {"dp_level": level, "delta": 1e-5 if level else None, "accountant": "rdp" if level else None,
-                  "noise_position": noise},
+                  "noise_position": noise, **extra},
         "utility_key": ukey, "finished_at": "", "round": rnd, "client": -1 if hidden else seed + 2,
         "num_samples": 4 * (k if hidden else 1), "aggregation_size": k if hidden else 1,
         "epsilon_round": (0.5 + rnd) if level else None})
+
+
+#: the prior-only guesses' PSNR on every synthetic batch (mean guess, random public sample)
+PRIOR_PSNR = (8.5, 10.0)
+
+
+def trust_fields(psnr: float, seed: int, sigma: float | None, central: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Issue 14's row fields for a synthetic trial of batch 4: success rates (multiples of 1/4), the
+    prior-only baseline, the clipped fraction, κ = 1/10 and, for sample-level DP with noise multiplier
+    ``sigma``, a bound γ = 0.1 + 0.5/σ above the measured rate; central DP-FedAvg is not covered."""
+    ident = 1.0 if psnr > 25 else 0.5 if psnr > 12 else 0.0
+    if sigma is not None:
+        ident = 0.25 if sigma <= 1 else 0.0
+    rates: dict[str, Any] = {"exact_rate": 1.0 if psnr >= 100 else 0.0,
+                             "recognised_rate": 1.0 if psnr >= 20 else 0.25 if psnr > 15 else 0.0, "ident_acc": ident}
+    extra: dict[str, Any] = {
+        "identification": {"candidates": 10, "kappa": 0.1}, "clipped_fraction": 0.05 if psnr < 12 else 0.0,
+        "baseline": {"mean": {"psnr": PRIOR_PSNR[0], "ident_acc": 0.0, "exact_rate": 0.0},
+                     "sample": {"psnr": PRIOR_PSNR[1] + 0.0 * seed, "ident_acc": 0.25, "exact_rate": 0.0}}}
+    if sigma is not None:
+        gamma = 0.1 + 0.5 / sigma
+        rates.update(epsilon_release=2.0 / sigma, rero_bound=gamma)
+        extra["rero"] = {"kappa": 0.1, "bound": gamma, "method": "pld", "covered": True, "reason": "",
+                         "gdp_estimate": 0.9 * gamma}
+    elif central:
+        rates.update(epsilon_release=1.0, rero_bound=None)
+        extra["rero"] = {"kappa": 0.1, "bound": None, "method": "pld", "covered": False, "gdp_estimate": None,
+                         "reason": "central DP-FedAvg: the server sees client updates before the noise"}
+    return rates, extra
 
 
 def _single_client_store(out: Path) -> None:
@@ -112,14 +142,15 @@ def federated_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_federated_report_draws_leakage_by_round_and_by_aggregation_size(federated_report: Path) -> None:
     text = federated_report.read_text()
     folder = federated_report.parent
-    for name in ("rounds_digits_psnr.png", "aggregation_digits_psnr.png", "tradeoff_digits_psnr.png"):
+    for name in ("rounds_digits_psnr.png", "aggregation_digits_psnr.png", "tradeoff_digits_psnr.png",
+                 "bounds_digits.png"):
         assert (folder / name).stat().st_size > 10_000
         assert f"({name})" in text
     assert "does training close the gap?" in text
     assert "Leakage against the number of aggregated clients" in text
     assert "test accuracy of the global model of the same federated run" in text
     page = (folder / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4
 
 
 def test_federation_section_lists_settings_partition_and_where_the_noise_sits(federated_report: Path) -> None:
@@ -154,7 +185,8 @@ def test_worst_cases_keep_honest_and_malicious_servers_apart(federated_report: P
     assert none(honest).min() >= 150.0 - 9.0  # spear's leakage, per update
     assert none(malicious).max() <= 40.5  # never spear's: stein and evil-server only
     text = federated_report.read_text()
-    assert "worst-case psnr, honest server | worst-case psnr, malicious server |" in text
+    assert ("worst-case psnr, honest server | prior only, honest server | worst-case psnr, malicious server | "
+            "prior only, malicious server |") in text
 
 
 def test_by_default_each_defense_keeps_its_weakest_and_strongest_strength() -> None:
@@ -174,6 +206,8 @@ def test_single_client_report_has_none_of_the_federated_sections(tmp_path: Path)
     assert not list(index.parent.glob("rounds_*")) and not list(index.parent.glob("aggregation_*"))
     assert "| defense | strength | test acc (target 0.880) | ε | worst-case psnr |" in text
     assert "| psnr (median) | seeds |" in text
+    # a store without success rates, baselines or bounds: those sections are simply absent
+    assert "### Success rates" not in text and "bounds beside ε" not in text and "prior only (no update)" not in text
 
 
 def test_a_store_written_before_the_federation_columns_still_reports(tmp_path: Path) -> None:

@@ -68,6 +68,66 @@ def epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation, acco
     return out
 
 
+def release_epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation,
+                       accountant: str = "rdp") -> dict[str, float]:
+    """ε of the single attacked release of each observed client of ``obs`` (that round's mechanism
+    alone, not composed with earlier rounds), keyed like :func:`epsilon_at`."""
+    out = {}
+    z = result.client_epsilon_noise
+    for k, c in obs.clients.items():
+        if z is not None:
+            eps = client_level_epsilon(z, fs.clients_per_round / fs.clients, 1, fs.delta)
+        elif c.ledger_entries and result.ledger.entries(k):
+            eps = ledger_epsilon(result.ledger.entries(k)[c.ledger_entries - 1:c.ledger_entries], fs.delta, accountant)
+        else:
+            continue
+        out[f"{obs.round}:{k}"] = eps
+    if obs.hidden and out:
+        out[f"{obs.round}:-1"] = max(out.values())
+    return out
+
+
+def _participations(fs: FederationSettings, seed: int, client: int, upto_round: int) -> int:
+    from defenda.federation.sampling import sample_clients
+
+    return sum(client in sample_clients(fs.clients, fs.clients_per_round, r, seed=seed, mode=fs.sampling)
+               for r in range(upto_round + 1))
+
+
+def _client_bound(result: RunResult, fs: FederationSettings, defense: Defense, obs: Observation, client: int,
+                  seed: int, kappa: float) -> dict[str, Any]:
+    """The ReRo bound on identifying one record of ``client`` from what the server held after ``obs``'s
+    round (reference ``bounds.md`` §2.5), or why no bound covers the server."""
+    from defenda.federation import bounds
+
+    z = result.client_epsilon_noise
+    if z is not None and defense.noise_position() == "after":
+        return {"kappa": kappa, "bound": None, "covered": False, "method": None,
+                "reason": "central DP-FedAvg: the server sees each clipped update before the noise"}
+    if z is not None:  # distributed DP-FedAvg: each client noises its clipped update, N(0, (zS)²/K)
+        std = z / math.sqrt(fs.clients_per_round)
+        segments = bounds.local_dp_segments(std, 1.0, _participations(fs, seed, client, obs.round))
+    else:
+        segments = bounds.sample_level_segments(result.ledger.entries(client)[:obs.clients[client].ledger_entries])
+    got = bounds.rero_accounting(segments, kappa)
+    return {"kappa": kappa, "bound": got.value, "covered": True, "method": got.method, "reason": "",
+            "gdp_estimate": bounds.rero_gdp_estimate(segments, kappa) if segments else None}
+
+
+def rero_at(result: RunResult, fs: FederationSettings, defense: Defense, obs: Observation, seed: int,
+            kappa: float) -> dict[str, dict[str, Any]]:
+    """The reconstruction-robustness bound for each observed client of ``obs`` (and ``"<round>:-1"``, the
+    worst client of an aggregate), keyed like :func:`epsilon_at`; empty without a DP defense."""
+    if result.client_epsilon_noise is None and not any(result.ledger.entries(k) for k in obs.clients):
+        return {}
+    out = {f"{obs.round}:{k}": _client_bound(result, fs, defense, obs, k, seed, kappa) for k in obs.clients}
+    if obs.hidden and out:
+        covered = [b for b in out.values() if b["covered"]]
+        out[f"{obs.round}:-1"] = max(covered, key=lambda b: b["bound"]) if len(covered) == len(out) \
+            else next(b for b in out.values() if not b["covered"])
+    return out
+
+
 def measure_federation(plugins: Plugins, job: UtilityJob, device: torch.device,
                        out_dir: str) -> tuple[float, float | None, dict[str, Any]]:
     """Run the job's federation; store its observations; test accuracy, ε and the run's record."""
@@ -78,14 +138,21 @@ def measure_federation(plugins: Plugins, job: UtilityJob, device: torch.device,
     defense = make_defense(plugins.registry, job.defense, job.defense_params)
     calibrate_for(defense, fs, len(data.train[0]))
     result = run_federation(data, lambda: task.build_model(data), defense, fs, seed=job.seed, device=device)
+    from defenda.metrics import IDENTIFICATION_CANDIDATES
+
     eps_at: dict[str, float] = {}
+    release_at: dict[str, float] = {}
+    bounds_at: dict[str, dict[str, Any]] = {}
     for obs in result.observations:
         save_observation(observation_path(out_dir, job.key, obs.round), obs)
         eps_at.update(epsilon_at(result, fs, obs, defense.ledger_accountant()))
+        release_at.update(release_epsilon_at(result, fs, obs, defense.ledger_accountant()))
+        bounds_at.update(rero_at(result, fs, defense, obs, job.seed, 1.0 / IDENTIFICATION_CANDIDATES))
     dp = run_epsilon(result, defense, fs)
     extra = {"accuracy": [[r, a] for r, a in result.accuracy], "partition_hash": result.partition_hash,
              "client_sizes": result.client_sizes, "skipped_rounds": result.skipped_rounds,
-             "dp": dp, "epsilon_at": eps_at, "noise_position": defense.noise_position(),
+             "dp": dp, "epsilon_at": eps_at,
+             "epsilon_release_at": release_at, "rero_at": bounds_at, "noise_position": defense.noise_position(),
              "hides_client_updates": defense.hides_client_updates, "federation": fs.to_dict(),
              "participations": {str(k): result.ledger.participations(k) for k in range(fs.clients)
                                 if result.ledger.participations(k)}}
@@ -100,6 +167,14 @@ class ObservedCase:
     x: torch.Tensor
     y: torch.Tensor
     facts: dict[str, Any]
+
+
+def _nominal_batch(obs: Observation, unit: Any, defense: Defense, realised: int) -> int:
+    """The batch size a row is grouped by: under Poisson-sampled FedSGD (DP-SGD) the expected size of the
+    unit's batches, which the realised ``num_samples`` varies around; otherwise the samples behind it."""
+    if not defense.poisson_sampling or unit.update.kind != "gradient":
+        return realised
+    return sum(obs.clients[k].settings.local_batch_size for k in unit.clients)
 
 
 def prepare_federated(trial: Trial, data: Any, model: torch.nn.Module, defense: Defense,
@@ -120,7 +195,11 @@ def prepare_federated(trial: Trial, data: Any, model: torch.nn.Module, defense: 
         defense.join_federation(plan_of(fs))
         update = replay_unit(obs, unit, model, defense, fs)
     x, y = obs.truth(unit)
+    if len(x) == 0:
+        raise UnsupportedError(f"round {obs.round}: the Poisson-sampled batch behind this update was empty "
+                               "(DP-SGD): it is noise only, there is nothing to reconstruct")
     facts = {"round": obs.round, "client": unit.clients[0] if len(unit.clients) == 1 else -1,
              "num_samples": len(x), "aggregation_size": len(unit.clients),
+             "batch_size": _nominal_batch(obs, unit, defense, len(x)),
              "local_steps": update.local_steps, "clients": unit.clients}
     return model, ObservedCase(update, x.to(device), y.to(device), facts)

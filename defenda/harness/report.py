@@ -8,6 +8,17 @@ the same training run as the attacked updates), y = leakage; one curve per
 defense, one point per strength (median over seeds, bars spanning min..max), ε
 written beside DP points, the undefended model marked with a star.
 
+Every leakage panel carries a grey *prior only (no update)* band: what an attacker
+gets by guessing from the public split alone (its mean; random public samples),
+scored on the same true batches; tables put that baseline beside every leakage
+value and mark cells that do not beat it. Leakage axes stop at the data's scale
+(PSNR at an exact-recovery ceiling, error metrics at a multiple of the prior-only
+guess), clipped points drawn on a dotted line. Rows with success rates get a
+success-rate table (exact, recognised, identified; pooled k/n with Wilson
+intervals), DP rows a figure and table of the identification rate beside the
+reconstruction-robustness bound γ and ε, and a rate above its bound is listed as
+a violation under *Problems* (:mod:`defenda.harness.report_trust`).
+
 A federated study (rows with an attacked ``round``) also gets a *Federation*
 section (its settings, the partition, what the server observes under each
 defense), leakage against the attacked round with the global model's test
@@ -23,30 +34,31 @@ from typing import Any
 
 import numpy as np
 
+from defenda.harness import report_trust as trust
+from defenda.harness.report_style import (
+    HIGHER_IS_WORSE,
+    MARKERS,
+    METRIC_LABELS,
+    PALETTE,
+    PSNR_CEILING,
+    Display,
+    clip_for_display,
+    display_for,
+    draw_band,
+    has_prior,
+    leak_cells,
+    mark_cap,
+    plt_module,
+)
 from defenda.harness.store import Store
 
-# Okabe–Ito: a colour-blind-safe palette.
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-METRIC_LABELS = {
-    "psnr": "leakage: PSNR of reconstruction (dB) ↑ worse privacy",
-    "ssim": "leakage: SSIM of reconstruction ↑ worse privacy",
-    "lpips": "leakage: LPIPS distance ↓ worse privacy",
-    "label_acc": "leakage: label accuracy ↑ worse privacy",
-    "mae": "leakage: MAE of features (std units) ↓ worse privacy",
-}
+__all__ = ["HIGHER_IS_WORSE", "MARKERS", "METRIC_LABELS", "PALETTE", "PSNR_CEILING", "write_report"]
+
 #: the utility loss at which defenses are compared in the "privacy at equal utility" table
 EQUAL_UTILITY_DROP = 0.02
-HIGHER_IS_WORSE = {"psnr": True, "ssim": True, "label_acc": True, "lpips": False, "mae": False, "mse": False}
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_plt = plt_module
 
 
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, metric: str = "psnr") -> Path:
@@ -61,14 +73,15 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, 
         df.drop(columns=["extra"]).to_csv(out / "results.csv", index=False)
         _parquet(df, out / "results.parquet")
         lines += _summary(df)
-        ok = _with_federation(df[df["status"] == "ok"])
+        ok = trust.with_priors(_with_federation(df[df["status"] == "ok"]))
         lines += _federation_section(ok, util)
         kinds = _server_kinds(ok)
+        problems: list[str] = []
         for task in sorted(ok["task"].unique()):
             sub = ok[ok["task"] == task]
             m = metric if sub[metric].notna().any() else "mae"
-            lines += _task_section(store, sub, task, m, out, util, kinds)
-    lines += _problems(df)
+            lines += _task_section(store, sub, task, m, out, util, kinds, problems)
+    lines += _problems(df, problems)
     index = out / "index.md"
     index.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "index.html").write_text(_html(lines, out), encoding="utf-8")
@@ -76,16 +89,19 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, 
 
 
 def _task_section(store: Store, sub: Any, task: str, m: str, out: Path, util: Any,
-                  kinds: dict[str, str]) -> list[str]:
-    """The section of one task: trade-off figure, the federation's figures, tables, reconstruction grids."""
-    fig = _tradeoff_figure(sub, task, m, out, kinds)
+                  kinds: dict[str, str], problems: list[str]) -> list[str]:
+    """The section of one task: trade-off figure, the federation's figures, tables (leakage, success
+    rates, bounds beside ε), reconstruction grids; bound violations are appended to ``problems``."""
+    disp = display_for(sub, m)
+    fig = _tradeoff_figure(sub, task, disp, out, kinds)
     fed = sub[sub["round"].notna()]
     lines = [f"## Task `{task}`", "", f"![trade-off {task}]({fig.name})", ""]
+    lines += _display_notes(disp)
     if not fed.empty:
         lines += ["Utility (x) is the final test accuracy of the global model of the same federated run "
                   "whose updates were attacked (one training run per defense, strength and seed); leakage (y) "
                   "pools the attacked rounds and clients of that run.", ""]
-    lines += _federated_figures(fed, task, m, out, util, kinds)
+    lines += _federated_figures(fed, task, disp, out, util, kinds)
     split = len(set(kinds.get(a, "honest") for a in sub["attack"].unique())) > 1
     lines += ["### Privacy at equal utility", "",
               f"Rule: for each defense, among the strengths whose median test accuracy is at most "
@@ -95,6 +111,10 @@ def _task_section(store: Store, sub: Any, task: str, m: str, out: Path, util: An
                  else "") + "), ties toward the strongest setting; where no strength keeps that utility, "
               "the most accurate one, marked.", "",
               _equal_utility(sub, m, kinds), "", "### All cells", "", _table(sub, m), ""]
+    lines += trust.success_section(sub, task, out)
+    bounds, found = trust.bounds_section(sub, task, out)
+    lines += bounds
+    problems += found
     for attack in sorted(sub["attack"].unique()):
         grid = _grid(store, sub[sub["attack"] == attack], task, attack, out)
         if grid is not None:
@@ -106,19 +126,42 @@ def _task_section(store: Store, sub: Any, task: str, m: str, out: Path, util: An
     return lines
 
 
-def _federated_figures(fed: Any, task: str, m: str, out: Path, util: Any, kinds: dict[str, str]) -> list[str]:
+def _display_notes(disp: Display) -> list[str]:
+    """What the reader must know to read the task's leakage axes: the prior-only band, the cap."""
+    notes = []
+    if disp.band is not None:
+        notes.append(f"Grey band, *prior only (no update)*: the {disp.metric} of the two guesses an attacker makes "
+                     f"without any update, scored on the same true batches — every sample guessed as the public "
+                     f"split's mean, and random public samples (medians over the task's trials: "
+                     f"{disp.band[0]:.3g} and {disp.band[1]:.3g}). A point inside or beyond the band leaks "
+                     f"nothing an attacker could not guess; in the tables such cells are marked `≤ prior`, and "
+                     f"*prior only* is the better of the two guesses on that cell's batches.")
+    if disp.cap is not None and disp.metric != "psnr":
+        notes.append(f"Axes: {disp.metric} values above {disp.cap:.3g} (" + (
+            "three times the worse prior-only guess" if disp.band is not None else
+            "three times the median of the task's values; these rows have no baseline") +
+            ") are drawn on the dotted line at that value (a diverged reconstruction leaks nothing more); the "
+            "tables and exports keep the measured values.")
+    elif disp.cap is not None:
+        notes.append(f"Axes: PSNR above {disp.cap:g} dB (exact recovery) is drawn on the dotted line at that value; "
+                     "the tables and exports keep the measured values.")
+    return [" ".join(notes), ""] if notes else []
+
+
+def _federated_figures(fed: Any, task: str, disp: Display, out: Path, util: Any,
+                       kinds: dict[str, str]) -> list[str]:
     """Leakage against the attacked round and against the aggregation size, where the rows vary them."""
     lines: list[str] = []
     if fed.empty:
         return lines
-    fig = _round_figure(fed, task, m, out, util, kinds)
+    fig = _round_figure(fed, task, disp, out, util, kinds)
     if fig is not None:
         lines += ["### Leakage against the attacked round: does training close the gap?", "",
                   "One panel per attack, one line per defense and strength (by default `none` and each "
                   "defense's weakest and strongest strength); median over seeds and attacked clients, bars "
                   "min–max. Thin grey line, right axis: test accuracy of the undefended run's global model "
                   "as the clients of that round received it.", "", f"![leakage by round {task}]({fig.name})", ""]
-    fig = _aggregation_figure(fed, task, m, out, kinds)
+    fig = _aggregation_figure(fed, task, disp, out, kinds)
     if fig is not None:
         lines += ["### Leakage against the number of aggregated clients", "",
                   "Defenses under which the server observes only an aggregate (secure aggregation): x = "
@@ -205,28 +248,35 @@ def _label(defense: str, strength: float | None) -> str:
 
 
 def _aggregate(sub: Any, metric: str) -> Any:
-    """Median, min, max over seeds of utility and leakage per (attack, defense, strength)."""
+    """Median, min, max over seeds of utility and leakage per (attack, defense, strength), and the
+    median prior-only value (``prior``: NaN for rows without a baseline)."""
+    prior = f"prior:{metric}"
+    sub = sub.assign(**{prior: sub[prior] if prior in sub else np.nan})
     g = sub.assign(strength=sub["strength"].fillna(-1.0)).groupby(["attack", "defense", "strength"], dropna=False)
     agg = g.agg(acc=("test_acc", "median"), acc_lo=("test_acc", "min"), acc_hi=("test_acc", "max"),
                 leak=(metric, "median"), leak_lo=(metric, "min"), leak_hi=(metric, "max"),
-                eps=("epsilon", "median"), n=("seed", "count")).reset_index()
+                eps=("epsilon", "median"), n=("seed", "count"), prior=(prior, "median")).reset_index()
     agg.loc[agg["strength"] == -1.0, "strength"] = np.nan
     return agg
 
 
 def _worst_case(sub: Any, metric: str, label: str = "worst case") -> Any:
     """For each defended update (defense setting, seed and, in a federation, attacked round and client),
-    the strongest attack's leakage (over attacks and their batch sizes)."""
+    the strongest attack's leakage (over attacks and their batch sizes), and the best prior-only guess
+    over the same attacks' batches (the baseline the worst case must beat)."""
     keys = ["defense", "strength", "seed"]
+    prior = f"prior:{metric}"
     s = sub.assign(strength=sub["strength"].fillna(-1.0)).dropna(subset=[metric])
+    s = s.assign(**{prior: s[prior] if prior in s else np.nan})
     for col in ("round", "client"):
         if col in s:
             s = s.assign(**{col: s[col].fillna(-2.0)})
             keys.append(col)
-    best = s.groupby(keys)[metric].max() if HIGHER_IS_WORSE.get(metric, True) else s.groupby(keys)[metric].min()
-    acc = s.groupby(keys)["test_acc"].first()
-    eps = s.groupby(keys)["epsilon"].first()
-    w = best.to_frame().join(acc).join(eps).reset_index()
+    g = s.groupby(keys)
+    worse = HIGHER_IS_WORSE.get(metric, True)
+    best = g[metric].max() if worse else g[metric].min()
+    base = g[prior].max() if worse else g[prior].min()
+    w = best.to_frame().join(base).join(g["test_acc"].first()).join(g["epsilon"].first()).reset_index()
     w.loc[w["strength"] == -1.0, "strength"] = np.nan
     return w.assign(attack=label)
 
@@ -244,10 +294,6 @@ def _worst_case_panels(sub: Any, metric: str, kinds: dict[str, str]) -> list[tup
     return panels
 
 
-#: PSNR above this is drawn at it (exact recoveries reach 150-250 dB and would flatten every other curve)
-PSNR_CEILING = 80.0
-
-
 def _annotations(d: Any) -> list[tuple[float, float, str]]:
     """Point labels of one curve: every DP point with its ε, otherwise the weakest and strongest strength."""
     dp = d["eps"].notna().any()
@@ -261,22 +307,23 @@ def _annotations(d: Any) -> list[tuple[float, float, str]]:
     return out
 
 
-def _tradeoff_figure(sub: Any, task: str, metric: str, out: Path, kinds: dict[str, str] | None = None) -> Path:
+def _tradeoff_figure(sub: Any, task: str, disp: Display, out: Path, kinds: dict[str, str] | None = None) -> Path:
     plt = _plt()
+    metric = disp.metric
     kinds = kinds if kinds is not None else _server_kinds(sub)
     attacks = sorted(sub["attack"].unique())
     panels = [(a + (" (malicious server)" if kinds.get(a) == "malicious" else ""), sub[sub["attack"] == a])
               for a in attacks] + _worst_case_panels(sub, metric, kinds)
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 4.0 * nrows + 0.9), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(8.0, 5.0 * ncols), 4.0 * nrows + 0.9), squeeze=False)
     defenses = sorted(sub["defense"].unique(), key=lambda d: (d != "none", d))
     federated = "round" in sub and bool(sub["round"].notna().all())
     xlabel = ("utility: test accuracy of the same federated run (fraction)" if federated
               else "utility: test accuracy (fraction)")
     handles: dict[str, Any] = {}
     for ax, (title, data) in zip(axes.flat, panels):
-        _tradeoff_panel(ax, _aggregate(data, metric), defenses, metric, handles)
+        _tradeoff_panel(ax, _aggregate(data, metric), defenses, disp, handles)
         ax.set_title(title, fontsize=11 if "\n" not in title else 10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=9)
@@ -296,26 +343,10 @@ def _tradeoff_figure(sub: Any, task: str, metric: str, out: Path, kinds: dict[st
     return path
 
 
-def _clip_for_display(agg: Any, metric: str) -> tuple[Any, float | None]:
-    """PSNR above the ceiling drawn at it (tables and exports keep the measured values); the ceiling
-    if a value was clipped, else None."""
-    if metric != "psnr":
-        return agg, None
-    clipped = bool((agg["leak_hi"] > PSNR_CEILING).any())
-    agg = agg.assign(**{c: agg[c].clip(upper=PSNR_CEILING) for c in ("leak", "leak_lo", "leak_hi")})
-    return agg, (PSNR_CEILING if clipped else None)
-
-
-def _mark_ceiling(ax: Any, ceiling: float | None) -> None:
-    if ceiling is not None:
-        ax.axhline(ceiling, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(f"≥ {ceiling:g} dB (exact) drawn here", (0.01, ceiling), xycoords=("axes fraction", "data"),
-                    xytext=(0, -10), textcoords="offset points", fontsize=7, color="grey")
-
-
-def _tradeoff_panel(ax: Any, agg: Any, defenses: list[str], metric: str, handles: dict[str, Any]) -> None:
-    """One trade-off panel: a curve per defense (a star for ``none``)."""
-    agg, ceiling = _clip_for_display(agg, metric)
+def _tradeoff_panel(ax: Any, agg: Any, defenses: list[str], disp: Display, handles: dict[str, Any]) -> None:
+    """One trade-off panel: the prior-only band, a curve per defense (a star for ``none``)."""
+    draw_band(ax, disp, handles)
+    agg, ceiling = clip_for_display(agg, disp)
     for i, defense in enumerate(defenses):
         d = agg[agg["defense"] == defense].sort_values("strength")
         if d.empty or d["leak"].isna().all():
@@ -335,7 +366,7 @@ def _tradeoff_panel(ax: Any, agg: Any, defenses: list[str], metric: str, handles
         for x, y, tag in _annotations(d):
             ax.annotate(tag, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points",
                         color=style["color"])
-    _mark_ceiling(ax, ceiling)
+    mark_cap(ax, disp, ceiling)
 
 
 #: at most this many curves per panel before the leakage-by-round figure keeps only each defense's extremes
@@ -392,14 +423,14 @@ def _accuracy_by_round(fed: Any, util: Any) -> Any:
     return pd.DataFrame(points, columns=["x", "acc"]).groupby("x")["acc"].median()
 
 
-def _leak_by(rows: Any, x: str, metric: str) -> Any:
-    """Median, min and max leakage per value of column ``x`` (PSNR clipped for display)."""
-    g = rows.assign(v=rows[metric].astype(float)).dropna(subset=["v", x]).groupby(x)["v"]
+def _leak_by(rows: Any, x: str, disp: Display) -> Any:
+    """Median, min and max leakage per value of column ``x`` (clipped for display at the cap)."""
+    g = rows.assign(v=rows[disp.metric].astype(float)).dropna(subset=["v", x]).groupby(x)["v"]
     agg = g.agg(leak="median", leak_lo="min", leak_hi="max").reset_index().sort_values(x)
-    return _clip_for_display(agg, metric)
+    return clip_for_display(agg, disp)
 
 
-def _round_figure(fed: Any, task: str, metric: str, out: Path, util: Any, kinds: dict[str, str]) -> Path | None:
+def _round_figure(fed: Any, task: str, disp: Display, out: Path, util: Any, kinds: dict[str, str]) -> Path | None:
     """Leakage against the attacked round: a panel per attack (a row of them per federation), a line per
     defense and strength, the undefended global model's test accuracy on a twin axis (thin grey)."""
     if fed["round"].nunique() < 2:
@@ -413,11 +444,11 @@ def _round_figure(fed: Any, task: str, metric: str, out: Path, util: Any, kinds:
     styles = _curve_styles([c for f in feds for c in chosen[f]])
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.9 * nrows + 1.0), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(8.0, 5.4 * ncols), 3.9 * nrows + 1.0), squeeze=False)
     handles: dict[str, Any] = {}
     for ax, (attack, fid) in zip(axes.flat, panels):
         rows = fed[(fed["attack"] == attack) & (fed["fed_id"] == fid)]
-        _round_panel(ax, rows, chosen[fid], styles, metric, handles)
+        _round_panel(ax, rows, chosen[fid], styles, disp, handles)
         acc = _accuracy_by_round(fed[fed["fed_id"] == fid], util)
         if acc is not None:
             twin = ax.twinx()
@@ -438,30 +469,31 @@ def _round_figure(fed: Any, task: str, metric: str, out: Path, util: Any, kinds:
     fig.suptitle(f"Leakage against the attacked round on {task}: does training close the gap? "
                  "(median over seeds and attacked clients, bars min–max)", fontsize=10)
     fig.tight_layout(rect=(0, (0.3 + 0.25 * math.ceil(len(handles) / 4)) / (3.9 * nrows + 1.0), 1, 0.96))
-    path = out / f"rounds_{task}_{metric}.png"
+    path = out / f"rounds_{task}_{disp.metric}.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
 
 
 def _round_panel(ax: Any, rows: Any, curves: list[tuple[str, float, str]], styles: dict[Any, dict[str, Any]],
-                 metric: str, handles: dict[str, Any]) -> None:
-    """One attack's leakage by round: a line per (defense, strength) curve."""
+                 disp: Display, handles: dict[str, Any]) -> None:
+    """One attack's leakage by round: the prior-only band, a line per (defense, strength) curve."""
     from matplotlib.ticker import MaxNLocator
 
+    draw_band(ax, disp, handles)
     ceiling = None
     for c in curves:
         d = rows[(rows["defense"] == c[0]) & (rows["strength"].fillna(-1.0) == c[1]) & (rows["fed_id"] == c[2])]
-        agg, clip = _leak_by(d, "round", metric)
+        agg, clip = _leak_by(d, "round", disp)
         if agg.empty:
             continue
         ceiling = ceiling or clip
         handles[_curve_label(*c, False)] = ax.errorbar(
             agg["round"], agg["leak"], yerr=[agg["leak"] - agg["leak_lo"], agg["leak_hi"] - agg["leak"]],
             capsize=2, linewidth=1.4, **styles[c])
-    _mark_ceiling(ax, ceiling)
+    mark_cap(ax, disp, ceiling)
     ax.set_xlabel("attacked round")
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
+    ax.set_ylabel(METRIC_LABELS.get(disp.metric, disp.metric), fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
@@ -480,7 +512,7 @@ def _one_protocol(fed: Any) -> Any:
     return fed[key == best]
 
 
-def _aggregation_figure(fed: Any, task: str, metric: str, out: Path, kinds: dict[str, str]) -> Path | None:
+def _aggregation_figure(fed: Any, task: str, disp: Display, out: Path, kinds: dict[str, str]) -> Path | None:
     """Leakage against the number of clients in the observed update, for the defenses under which the
     server sees only an aggregate: a panel per defense and strength, a line per attack."""
     if fed["aggregation_size"].nunique() < 2 and fed["K"].nunique() < 2:
@@ -498,6 +530,7 @@ def _aggregation_figure(fed: Any, task: str, metric: str, out: Path, kinds: dict
 
     panels = _curves(rows)
     attacks = sorted(fed["attack"].unique())
+    metric = disp.metric
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(max(7.5, 5.0 * ncols), 3.9 * nrows + 1.3), squeeze=False)
@@ -506,11 +539,12 @@ def _aggregation_figure(fed: Any, task: str, metric: str, out: Path, kinds: dict
     for ax, c in zip(axes.flat, panels):
         d = rows[(rows["defense"] == c[0]) & (rows["strength"].fillna(-1.0) == c[1]) & (rows["fed_id"] == c[2])]
         ceiling = None
+        draw_band(ax, disp, handles)
         for i, attack in enumerate(attacks):
             style = {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)]}
-            agg, clip = _leak_by(d[d["attack"] == attack], "n", metric)
+            agg, clip = _leak_by(d[d["attack"] == attack], "n", disp)
             base, _ = _leak_by(fed[(fed["attack"] == attack) & (fed["defense"] == "none")].assign(one=1), "one",
-                               metric)
+                               disp)
             if not agg.empty:
                 ceiling = ceiling or clip
                 handles[attack + (" (malicious server)" if kinds.get(attack) == "malicious" else "")] = ax.errorbar(agg["n"], agg["leak"], capsize=2, linewidth=1.4, markersize=5,
@@ -519,7 +553,7 @@ def _aggregation_figure(fed: Any, task: str, metric: str, out: Path, kinds: dict
             if not base.empty:
                 ax.axhline(float(base["leak"].iloc[0]), color=style["color"], linestyle="--", linewidth=1, alpha=0.7)
                 dashed = Line2D([], [], color="grey", linestyle="--", linewidth=1)
-        _mark_ceiling(ax, ceiling)
+        mark_cap(ax, disp, ceiling)
         ax.set_title(_curve_label(*c, False), fontsize=11)
         ax.set_xlabel("clients aggregated in the observed update")
         ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
@@ -529,11 +563,12 @@ def _aggregation_figure(fed: Any, task: str, metric: str, out: Path, kinds: dict
         ax.axis("off")
     if dashed is not None:
         handles["dashed: same attack, no defense (one client's update)"] = dashed
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=9,
+    legend_cols = min(len(handles), 2 if ncols == 1 else 4)  # one panel is too narrow for four entries a row
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=legend_cols, fontsize=9,
                frameon=False)
     fig.suptitle(f"Leakage against the number of aggregated clients on {task}\n"
                  "(median over seeds and rounds, bars min–max)", fontsize=10)
-    bottom = (0.3 + 0.25 * math.ceil(len(handles) / 4)) / (3.9 * nrows + 1.3)
+    bottom = (0.3 + 0.25 * math.ceil(len(handles) / max(1, legend_cols))) / (3.9 * nrows + 1.3)
     fig.tight_layout(rect=(0, bottom, 1, 0.94))
     path = out / f"aggregation_{task}_{metric}.png"
     fig.savefig(path, dpi=130)
@@ -542,17 +577,29 @@ def _aggregation_figure(fed: Any, task: str, metric: str, out: Path, kinds: dict
 
 
 def _table(sub: Any, metric: str) -> str:
+    """Every (attack, defense, strength): utility, ε, median leakage beside the prior-only value and,
+    where the rows record it, the median fraction of reconstructed values clipped into the domain."""
+    clipped = sub["extra"].map(lambda e: (e or {}).get("clipped_fraction") if isinstance(e, dict) else None)
+    sub = sub.assign(clipped=clipped.map(lambda v: float(v) if isinstance(v, (int, float)) else np.nan))
     agg = _aggregate(sub, metric)
+    has_clip = bool(sub["clipped"].notna().any())
+    if has_clip:
+        frac = sub.assign(strength=sub["strength"].fillna(-1.0)).groupby(["attack", "defense", "strength"])
+        agg = agg.assign(clip=agg.apply(lambda r: frac["clipped"].median().get(
+            (r["attack"], r["defense"], -1.0 if np.isnan(r["strength"]) else r["strength"]), np.nan), axis=1))
     # in a federation one seed is attacked at several rounds and clients: the count is of attacked updates
     count = "attacked updates" if "round" in sub and sub["round"].notna().any() else "seeds"
-    rows = ["| attack | defense | strength | test acc | ε | " + metric + f" (median) | {count} |",
-            "|---|---|---|---|---|---|---|"]
+    prior = has_prior(sub, metric)
+    rows = ["| attack | defense | strength | test acc | ε | " + metric + " (median) | " + ("prior only | " if prior else "")
+            + f"{count} |" + (" values clipped to the domain (median) |" if has_clip else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if prior else "") + ("---|" if has_clip else "")]
     for _, r in agg.sort_values(["attack", "defense", "strength"]).iterrows():
         eps = "" if r["eps"] is None or (isinstance(r["eps"], float) and np.isnan(r["eps"])) else f"{r['eps']:.3g}"
         strength = "" if np.isnan(r["strength"]) else f"{r['strength']:g}"
         acc = "" if np.isnan(r["acc"]) else f"{r['acc']:.3f}"
-        leak = "" if np.isnan(r["leak"]) else f"{r['leak']:.2f}"
-        rows.append(f"| {r['attack']} | {r['defense']} | {strength} | {acc} | {eps} | {leak} | {r['n']} |")
+        clip = (" " + ("" if np.isnan(r["clip"]) else f"{r['clip']:.1%}") + " |") if has_clip else ""
+        rows.append(f"| {r['attack']} | {r['defense']} | {strength} | {acc} | {eps} | "
+                    f"{leak_cells(r['leak'], r['prior'], metric, prior)} | {r['n']} |{clip}")
     return "\n".join(rows)
 
 
@@ -567,6 +614,7 @@ def _equal_utility(sub: Any, metric: str, kinds: dict[str, str] | None = None) -
     elif not parts:
         parts = [("", _aggregate(_worst_case(sub, metric), metric))]
     worst = parts[0][1]
+    prior = has_prior(sub, metric)
     base = worst[worst["defense"] == "none"]
     if base.empty or base["acc"].isna().all():
         return "(needs a `none` defense row with utility)"
@@ -576,13 +624,14 @@ def _equal_utility(sub: Any, metric: str, kinds: dict[str, str] | None = None) -
         for _, frame in parts:
             hit = frame[(frame["defense"] == defense) & ((frame["strength"] == strength)
                                                          | (frame["strength"].isna() & np.isnan(strength)))]
-            out.append("" if hit.empty or np.isnan(hit["leak"].iloc[0]) else f"{hit['leak'].iloc[0]:.2f}")
+            out.append((" | " if prior else "") if hit.empty
+                       else leak_cells(hit["leak"].iloc[0], hit["prior"].iloc[0], metric, prior))
         return " | ".join(out)
 
     target = float(base["acc"].iloc[0]) - EQUAL_UTILITY_DROP
     rows = [f"| defense | strength | test acc (target {target:.3f}) | ε | "
-            + " | ".join(f"worst-case {metric}{tag}" for tag, _ in parts) + " |",
-            "|---|---|---|---|" + "---|" * len(parts),
+            + " | ".join(f"worst-case {metric}{tag}" + (f" | prior only{tag}" if prior else "") for tag, _ in parts)
+            + " |", "|---|---|---|---|" + ("---|---|" if prior else "---|") * len(parts),
             f"| none | | {float(base['acc'].iloc[0]):.3f} | | {leaks('none', float(base['strength'].iloc[0]))} |"]
     for defense, d in worst[worst["defense"] != "none"].groupby("defense"):
         d = d.dropna(subset=["acc"])
@@ -750,6 +799,8 @@ def _html(lines: list[str], out: Path) -> str:
              "td,th{border:1px solid #999;padding:2px 6px;font-size:13px}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>defenda report</title><style>{style}</style>" \
            f"</head><body>{body}</body></html>\n"
+
+
 def _grid(store: Store, sub: Any, task: str, attack: str, out: Path, max_images: int = 8) -> Path | None:
     """Ground truth row, then one row per (defense, strength): the first images of each seed's batch.
 
@@ -813,11 +864,14 @@ def _grid(store: Store, sub: Any, task: str, attack: str, out: Path, max_images:
     return path
 
 
-def _problems(df: Any) -> list[str]:
+def _problems(df: Any, found: list[str] | None = None) -> list[str]:
+    """The Problems section (measured rates above their bound: each one is a bug somewhere), then the
+    skipped and failed trials."""
+    lines = ["## Problems", "", *(f"- {p}" for p in found), ""] if found else []
     bad = df[df["status"] != "ok"]
     if bad.empty:
-        return []
-    lines = ["## Skipped and failed trials", "", "| attack | defense | task | status | reason | count |",
+        return lines
+    lines += ["## Skipped and failed trials", "", "| attack | defense | task | status | reason | count |",
              "|---|---|---|---|---|---|"]
     grouped = bad.groupby(["attack", "defense", "task", "status", "reason"]).size().reset_index(name="n")
     for _, r in grouped.iterrows():

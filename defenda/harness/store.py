@@ -25,7 +25,9 @@ from defenda.errors import StoreError
 
 SCHEMA_VERSION = 1
 
-METRIC_COLUMNS = ("psnr", "ssim", "lpips", "label_acc", "mse", "mae", "feature_acc")
+METRIC_COLUMNS = ("psnr", "ssim", "lpips", "label_acc", "mse", "mae", "feature_acc",
+                  # success rates: fractions of the batch's samples (see defenda.metrics.success)
+                  "exact_rate", "recognised_rate", "ident_acc")
 TRIAL_COLUMNS = (
     "key", "study", "task", "attack", "defense", "strength", "params", "batch_size", "seed",
     "status", "reason", "error_type", "plugin", *METRIC_COLUMNS, "test_acc", "epsilon",
@@ -33,12 +35,15 @@ TRIAL_COLUMNS = (
     # the federation (empty for the single-client protocol): the attacked round, the client (-1 for an
     # aggregate), the samples behind the update, the clients aggregated in it, the client's ε at that round
     "round", "client", "num_samples", "aggregation_size", "epsilon_round",
+    # DP rows: ε of the attacked release alone, and the reconstruction-robustness bound on identification
+    # success at the row's κ (defenda.federation.bounds); empty where no bound covers the row's adversary
+    "epsilon_release", "rero_bound",
 )
 UTILITY_COLUMNS = ("key", "task", "defense", "strength", "params", "seed", "status", "reason", "test_acc",
                    "epsilon", "seconds", "finished_at", "extra")
 
 _REAL = set(METRIC_COLUMNS) | {"strength", "test_acc", "epsilon", "attack_seconds", "trial_seconds", "seconds",
-                               "epsilon_round"}
+                               "epsilon_round", "epsilon_release", "rero_bound"}
 _INT = {"batch_size", "seed", "round", "client", "num_samples", "aggregation_size"}
 
 

@@ -23,7 +23,7 @@ from defenda.compose import make_defense
 from defenda.contracts import reconstruction_problems, update_problems
 from defenda.errors import UnsupportedError
 from defenda.federation.settings import FederationSettings
-from defenda.grants import grant_knowledge
+from defenda.grants import grant_knowledge, visible_update
 from defenda.harness.jobs import Federation, Trial
 from defenda.harness.services import StageError, defense_plugin, in_plugin, load_task, resolve_device
 from defenda.harness.store import METRIC_COLUMNS
@@ -144,7 +144,9 @@ def attack(trial: Trial, v: Victim, update: SharedUpdate) -> tuple[Reconstructio
     v.model.eval()
     torch.manual_seed(trial.seed + 1)
     t0 = time.perf_counter()
-    recon = in_plugin(v.attack_plugin, v.attack.reconstruct, update, v.model, v.knowledge)
+    # the attacker sees only what its knowledge grants (batch size, lr, no defense-internal metadata)
+    recon = in_plugin(v.attack_plugin, v.attack.reconstruct, visible_update(update, v.knowledge), v.model,
+                      v.knowledge)
     seconds = time.perf_counter() - t0
     problems = reconstruction_problems(recon, v.data.input_shape)
     if problems:
@@ -152,14 +154,12 @@ def attack(trial: Trial, v: Victim, update: SharedUpdate) -> tuple[Reconstructio
     return recon, seconds
 
 
-def score(plugins: Plugins, x: torch.Tensor, y: torch.Tensor, recon: Reconstruction,
-          data: TaskData) -> tuple[dict[str, Any], dict[str, Any], Reconstruction, torch.Tensor, torch.Tensor]:
-    """Match reconstructions one-to-one to the truth, then run every applicable metric."""
+def _metrics(plugins: Plugins, x: torch.Tensor, y: torch.Tensor, recon: Reconstruction,
+             data: TaskData) -> tuple[dict[str, Any], dict[str, Any], Reconstruction, torch.Tensor, torch.Tensor]:
+    """Match ``recon`` one-to-one to the truth, then run every applicable metric plugin on it."""
     from defenda.metrics import apply_matching
 
-    xm, ym, rm = apply_matching(x.cpu(), y.cpu(), Reconstruction(recon.inputs.detach().cpu(),
-                                None if recon.labels is None else recon.labels.detach().cpu(), recon.info),
-                                data=data)
+    xm, ym, rm = apply_matching(x.cpu(), y.cpu(), recon, data=data)
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for entry in plugins.registry.entries("metric"):
@@ -169,8 +169,24 @@ def score(plugins: Plugins, x: torch.Tensor, y: torch.Tensor, recon: Reconstruct
         out = in_plugin(entry.origin.plugin, metric.compute, xm, ym, rm, data)
         for col, val in out.items():
             (values if col in METRIC_COLUMNS else extra)[col] = None if val is None else float(val)
+    return values, extra, rm, xm, ym
+
+
+def score(plugins: Plugins, x: torch.Tensor, y: torch.Tensor, recon: Reconstruction,
+          data: TaskData) -> tuple[dict[str, Any], dict[str, Any], Reconstruction, torch.Tensor, torch.Tensor]:
+    """Clip the reconstruction into the task's valid domain, match it to the truth, run every metric;
+    score the prior-only guesses (:mod:`defenda.metrics.baseline`) on the same batch the same way."""
+    from defenda.metrics import IDENTIFICATION_CANDIDATES, clip_to_domain, prior_guesses
+
+    inputs, clipped = clip_to_domain(recon.inputs.detach().cpu(), data)
+    labels = None if recon.labels is None else recon.labels.detach().cpu()
+    values, extra, rm, xm, ym = _metrics(plugins, x, y, Reconstruction(inputs, labels, recon.info), data)
     extra["matched_fraction"] = rm.info.get("matched_fraction")
     extra["num_reconstructed"] = rm.info.get("num_reconstructed")
+    extra["clipped_fraction"] = clipped
+    extra["identification"] = {"candidates": IDENTIFICATION_CANDIDATES, "kappa": 1.0 / IDENTIFICATION_CANDIDATES}
+    extra["baseline"] = {name: _metrics(plugins, x, y, guess, data)[0]
+                         for name, guess in prior_guesses(x.cpu(), data).items()}
     return values, extra, rm, xm, ym
 
 
@@ -181,8 +197,8 @@ def _attack_trial(plugins: Plugins, trial: Trial,
     recon, attack_seconds = attack(trial, v, update)
     values, extra, matched, xm, _ = score(plugins, v.x, v.y, recon, v.data)
     values["batch_size"] = len(v.x)  # what the client really used (large-batch defenses change it)
-    if v.facts:
-        values.update({k: v.facts[k] for k in ("round", "client", "num_samples", "aggregation_size")})
+    if v.facts:  # a federation: under Poisson sampling the expected size; num_samples is what was drawn
+        values.update({k: v.facts[k] for k in ("round", "client", "num_samples", "aggregation_size", "batch_size")})
         extra["observation"] = {"local_steps": v.facts["local_steps"], "clients": v.facts["clients"]}
     extra["attack_info"] = _jsonable(recon.info)
     arrays = None

@@ -16,6 +16,10 @@ These are the core functions behind the built-in metric plugins
                                     :class:`LPIPSUnavailableWarning`
 :mod:`defenda.metrics.labels`       :func:`label_accuracy`
 :mod:`defenda.metrics.tabular`      tabular scores: :func:`mae`, :func:`feature_accuracy`
+:mod:`defenda.metrics.success`      success rates: :func:`success_rates` (exact, recognisable,
+                                    identified among :data:`IDENTIFICATION_CANDIDATES`)
+:mod:`defenda.metrics.domain`       the valid input domain: :func:`clip_to_domain`
+:mod:`defenda.metrics.baseline`     the prior-only guesses: :func:`prior_guesses`
 ==================================  ===============================================================
 
 Spaces
@@ -50,6 +54,8 @@ Matching (:func:`match`, :func:`apply_matching`)
 
 from __future__ import annotations
 
+from defenda.metrics.baseline import BASELINES, prior_guesses
+from defenda.metrics.domain import clip_to_domain
 from defenda.metrics.images import (
     PSNR_CAP_DB,
     mse,
@@ -74,9 +80,26 @@ from defenda.metrics.lpips import (
 )
 from defenda.metrics.matching import UNMATCHED_LABEL, apply_matching, match, pairwise_mse
 from defenda.metrics.spaces import blank_non_finite, unit_images
+from defenda.metrics.success import (
+    EXACT_MSE,
+    IDENTIFICATION_CANDIDATES,
+    RECOGNISED_MAE,
+    RECOGNISED_PSNR_DB,
+    distractors,
+    success_rates,
+)
 from defenda.metrics.tabular import feature_accuracy, mae
 
 __all__ = [
+    "BASELINES",
+    "EXACT_MSE",
+    "IDENTIFICATION_CANDIDATES",
+    "RECOGNISED_MAE",
+    "RECOGNISED_PSNR_DB",
+    "clip_to_domain",
+    "distractors",
+    "prior_guesses",
+    "success_rates",
     "ALEXNET_CHECKPOINT",
     "ALEXNET_URL",
     "LPIPS_BACKBONE_ENV",

@@ -66,7 +66,7 @@ def apply_matching(
         copy of ``recon`` with exactly B rows. Truth samples left without a partner
         (B̂ < B) get the blank guess (zeros in model space, label :data:`UNMATCHED_LABEL`);
         extra reconstructions (B̂ > B) are dropped. ``matched.info`` gains
-        ``matched_fraction`` and ``num_reconstructed``.
+        ``matched_fraction``, ``num_reconstructed`` and ``matched_mask`` (per truth row: got a partner).
     """
     rec = recon.inputs.detach()
     if rec.shape[1:] != x.shape[1:]:
@@ -89,5 +89,9 @@ def apply_matching(
         labels = torch.full((n,), UNMATCHED_LABEL, dtype=rec_labels.dtype, device=y.device)
         if len(rows):
             labels[torch.as_tensor(rows, device=y.device)] = rec_labels[torch.as_tensor(cols, device=y.device)]
-    info = {**recon.info, "matched_fraction": (len(rows) / n) if n else 0.0, "num_reconstructed": int(rec.shape[0])}
+    matched_mask = [False] * n
+    for r in rows:
+        matched_mask[int(r)] = True
+    info = {**recon.info, "matched_fraction": (len(rows) / n) if n else 0.0, "num_reconstructed": int(rec.shape[0]),
+            "matched_mask": matched_mask}
     return x, y, dataclasses.replace(recon, inputs=inputs, labels=labels, info=info)

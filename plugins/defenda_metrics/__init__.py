@@ -135,7 +135,26 @@ class Tabular(Metric):
         }
 
 
+class Success(Metric):
+    """Success rates: exact recovery, recognisable, identified among n public candidates (κ = 1/n).
+
+    Fractions of the batch's samples (an unmatched sample fails); thresholds and the
+    identification protocol are documented in :mod:`defenda.metrics.success`.
+    """
+
+    name: ClassVar[str] = "success"
+    columns: ClassVar[tuple[str, ...]] = ("exact_rate", "recognised_rate", "ident_acc")
+    task_kinds: ClassVar[frozenset[str]] = frozenset({"image", "tabular"})
+
+    def compute(
+        self, x: torch.Tensor, y: torch.Tensor, recon: Reconstruction, data: TaskData
+    ) -> dict[str, float | None]:
+        from defenda.metrics import success_rates
+
+        return success_rates(x, recon.inputs.detach().to(x.device), data, recon.info)
+
+
 @hookimpl
 def defenda_register_metrics(register: Callable[[type[Metric]], None]) -> None:
-    for cls in (PSNR, SSIM, LPIPS, LabelAccuracy, MSE, Tabular):
+    for cls in (PSNR, SSIM, LPIPS, LabelAccuracy, MSE, Tabular, Success):
         register(cls)
