@@ -98,3 +98,37 @@ def test_reconstructions_are_scored_inside_the_domain(plugins) -> None:
     xi = image.train[0][:2]
     out, frac = clip_to_domain(xi * 1e6, image)
     assert frac > 0 and 0 <= float(image.to_unit(out).min()) and float(image.to_unit(out).max()) <= 1 + 1e-6
+
+
+def test_measured_identification_never_beats_its_bound(tmp_path) -> None:
+    """A weak DP-SGD lets Geiping identify most samples; the bound for a record in the attacked batch
+    must still hold (one-sided 95% Clopper-Pearson lower bound ≤ γ). The amplified bound of a record
+    chosen before sampling is far lower — comparing with it would flag a false violation."""
+    import json
+    import sqlite3
+
+    from scipy.stats import beta
+
+    from defenda.harness.runner import run_study
+    from defenda.harness.study import parse_study
+
+    raw = {
+        "study": {"name": "rero", "seeds": [0, 1], "knowledge": ["batch_size"]},
+        "federation": {"clients": 4, "partition": "iid", "clients_per_round": 4, "rounds": 1, "attack_rounds": [0],
+                       "targets_per_round": 4, "local_batch_size": 2},
+        "task": {"name": "digits", "model": "mlp", "widths": [32]},
+        "attacks": [{"name": "geiping", "iterations": 150}],
+        "defenses": [{"name": "dp-sgd", "noise_multiplier": 0.05}],
+    }
+    run_study(parse_study(raw, get_plugins().registry), tmp_path, progress=False)
+    rows = sqlite3.connect(tmp_path / "results.sqlite").execute(
+        "SELECT ident_acc, num_samples, rero_bound, extra FROM trials WHERE status = 'ok'").fetchall()
+    assert rows
+    k = sum(round(r[0] * r[1]) for r in rows)
+    n = sum(r[1] for r in rows)
+    bound = min(r[2] for r in rows)
+    any_record = max(json.loads(r[3])["rero"]["bound_any_record"] for r in rows)
+    lower = beta.ppf(0.05, k, n - k + 1) if k else 0.0
+    assert k / n >= 0.5, (k, n)  # the attack works, so the check below can fail
+    assert lower <= bound, (k, n, lower, bound)
+    assert lower > any_record  # the amplified bound is for another experiment

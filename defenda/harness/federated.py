@@ -109,9 +109,28 @@ def _client_bound(result: RunResult, fs: FederationSettings, defense: Defense, o
         segments = bounds.local_dp_segments(std, 1.0, _participations(fs, seed, client, obs.round))
     else:
         segments = bounds.sample_level_segments(result.ledger.entries(client)[:obs.clients[client].ledger_entries])
-    got = bounds.rero_accounting(segments, kappa)
+    any_record = bounds.rero_accounting(segments, kappa)
+    in_batch = _in_attacked_batch(segments, obs.clients[client].settings)
+    got = bounds.rero_accounting(in_batch, kappa)
     return {"kappa": kappa, "bound": got.value, "covered": True, "method": got.method, "reason": "",
-            "gdp_estimate": bounds.rero_gdp_estimate(segments, kappa) if segments else None}
+            "bound_any_record": any_record.value,
+            "gdp_estimate": bounds.rero_gdp_estimate(in_batch, kappa) if in_batch else None}
+
+
+def _in_attacked_batch(segments: list[tuple[float, float, int]], settings: Any) -> list[tuple[float, float, int]]:
+    """The ledger as it bounds a record *known to be in* the attacked FedSGD batch.
+
+    The attacks are scored on the samples the client actually drew, i.e. conditioned on the
+    target's inclusion in that round: the subsampling of that one release amplifies nothing
+    for them, so its entry counts at q = 1 (earlier rounds keep their rate). Comparing the
+    measured identification rate with the amplified bound (``bound_any_record``, the protection
+    of a record chosen before sampling) would be comparing two different experiments. FedAvg's
+    truth is the client's whole data, whose per-step Poisson sampling the bound keeps.
+    """
+    if not segments or settings.kind != "gradient":
+        return segments
+    sigma, _, steps = segments[-1]
+    return [*segments[:-1], (sigma, 1.0, steps)]
 
 
 def rero_at(result: RunResult, fs: FederationSettings, defense: Defense, obs: Observation, seed: int,
