@@ -337,8 +337,8 @@ def _tradeoff_figure(sub: Any, task: str, disp: Display, out: Path, kinds: dict[
                  "strength, ε for DP)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97 if ncols > 2 else 0.95))
     path = out / f"tradeoff_{task}_{metric}.png"
-    fig.savefig(path, dpi=130)
-    fig.savefig(path.with_suffix(".svg"))
+    fig.savefig(path, dpi=130, bbox_inches="tight")  # long titles of one-panel figures stay whole
+    fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -470,7 +470,7 @@ def _round_figure(fed: Any, task: str, disp: Display, out: Path, util: Any, kind
                  "(median over seeds and attacked clients, bars min–max)", fontsize=10)
     fig.tight_layout(rect=(0, (0.3 + 0.25 * math.ceil(len(handles) / 4)) / (3.9 * nrows + 1.0), 1, 0.96))
     path = out / f"rounds_{task}_{disp.metric}.png"
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")  # long titles of one-panel figures stay whole
     plt.close(fig)
     return path
 
@@ -571,7 +571,7 @@ def _aggregation_figure(fed: Any, task: str, disp: Display, out: Path, kinds: di
     bottom = (0.3 + 0.25 * math.ceil(len(handles) / max(1, legend_cols))) / (3.9 * nrows + 1.3)
     fig.tight_layout(rect=(0, bottom, 1, 0.94))
     path = out / f"aggregation_{task}_{metric}.png"
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")  # long titles of one-panel figures stay whole
     plt.close(fig)
     return path
 

@@ -347,7 +347,7 @@ def bounds_figure(cells: list[dict[str, Any]], task: str, out: Path) -> Path | N
     bottom = (0.3 + 0.25 * math.ceil(len(handles) / max(1, legend_cols))) / (4.0 * nrows + 0.9)
     fig.tight_layout(rect=(0, bottom, 1, 0.93))
     path = out / f"bounds_{task}.png"
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")  # long titles of one-panel figures stay whole
     plt.close(fig)
     return path
 
