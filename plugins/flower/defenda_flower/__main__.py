@@ -1,0 +1,5 @@
+import sys
+
+from defenda_flower.example import main
+
+sys.exit(main())
