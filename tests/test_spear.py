@@ -192,7 +192,7 @@ def test_budget_exhausted_returns_what_it_has():
     yb = torch.randint(0, 10, (24,))
     update = compute_update(model, xb, yb)
     kn = _knowledge((64,), 10, torch.zeros(1), torch.ones(1), 24, kind="tabular")
-    rec = Spear(max_proposals=20_000).reconstruct(update, model, kn)
+    rec = Spear(max_proposals=20_000, dictionary_learning=False).reconstruct(update, model, kn)
     assert rec.inputs.shape == (24, 64)
     assert torch.isfinite(rec.inputs).all()
     assert rec.info["proposals_tried"] >= 20_000

@@ -13,7 +13,8 @@ is an invertible ``Q`` (B×B) with ``G = L Q`` and ``Xᵀ = Q⁻¹ R``. ReLU mak
 Recovery, in this implementation (float64 throughout), one function per stage,
 run in order by :func:`spear_recover`:
 
-1. ``_factorise`` / ``_layer_problem``: SVD of ``∂L/∂W``; the batch size is the
+1. ``_factorise`` / ``_layer_problem``: SVD of ``∂L/∂W`` (a sketched one when the rank is
+   below the sketch, ``_low_rank_svd``: 25 s → 1 s at 2000×3072); the batch size is the
    numerical rank unless given; dead neurons (zero rows) are excluded.
 2. ``_peel`` — *peeling* (exact, polynomial; not in the paper). A row r of the
    gradient that only one sample j activates gives that sample exactly:
@@ -25,6 +26,12 @@ run in order by :func:`spear_recover`:
    correlated, so a neuron's activity across a batch is close to a threshold on
    one direction and single-sample rows are common: digits batches of B = 4…48
    peel completely in 2–5 rounds.
+3a. ``_dl_seed`` — *dictionary learning* (SPEAR++'s formulation: Bakarsky, Dimitrov, Baader,
+   Vechev, arXiv 2510.24200; our implementation in :mod:`defenda_attacks._spear_dl`), on what
+   peeling leaves when B' ≥ ``dl_min_batch``: ℓ1 on the sphere (class-sign corrected where the
+   layer feeds the logits), Riemannian subgradient steps, float64 null-space rounding; only
+   certified columns (exact zeros ≥ the sparsity threshold, nullity one) enter the pool.
+   Its budget is counted in iterations. Sampling is then skipped when B' > ``sample_max_batch``.
 3. ``_sample`` / ``_search`` — *sampling* (the paper's search), on what peeling
    leaves (B' samples): random (B'−1)-row submatrices of ``L``; the null vector
    ``q`` of each is a column of ``Q`` when all rows are inactive for one sample.
@@ -66,6 +73,7 @@ import torch
 
 from defenda import param
 from defenda_attacks._linalg import estimate_rank
+from defenda_attacks._spear_dl import DLConfig, dl_columns
 
 __all__ = ["SpearParams", "SpearResult", "spear_recover", "sparsity_threshold", "verify_inputs"]
 
@@ -118,6 +126,19 @@ class SpearParams:
     false_rejection: float = param(1e-9, "false-rejection rate that calibrates the sparsity threshold")
     min_sparsity: float = param(0.05, "weakest candidate kept in the pool, as a share of alive neurons")
     peel: bool = param(True, "peel off samples from neurons that a single remaining sample activates")
+    dictionary_learning: bool = param(
+        True, "search the columns of G as sparse directions (SPEAR++-style l1 on the sphere) before sampling"
+    )
+    dl_iterations: int = param(150, "subgradient steps per dictionary-learning round (the search's work budget)")
+    dl_rounds: int = param(3, "dictionary-learning rounds with fresh starting directions while columns are missing")
+    dl_starts: int = param(0, "starting directions per dictionary-learning round (0: 2*B'+32)")
+    dl_rho: float = param(10.0, "penalty on entries of the wrong class sign (class-sign correction)")
+    dl_min_batch: int = param(
+        16, "smallest residual batch B' the dictionary-learning stage runs on (below it sampling is cheap)"
+    )
+    sample_max_batch: int = param(
+        32, "largest residual batch B' the sampling stage is tried on (its success rate falls like 2^-B')"
+    )
     approx_max_proposals: int = param(20_000, "proposal budget when the update is noisy (no exact structure)")
     approx_bound: float = param(
         10.0, "without an input box, non-exact samples are clipped to |x| <= this (model space: feature SDs)"
@@ -141,6 +162,8 @@ class SpearResult:
     :ivar proposals: submatrices tried by the sampling stage.
     :ivar timings: seconds per stage.
     :ivar approximate: True when the gradient had no exact low-rank structure (noise).
+    :ivar n_dl_columns: columns of ``G`` the dictionary-learning stage certified (of B − n_peeled).
+    :ivar dl_iterations: its subgradient steps, summed over rounds and class patterns (the work done).
     """
 
     inputs: torch.Tensor
@@ -155,6 +178,8 @@ class SpearResult:
     n_sampled: int = 0
     approximate: bool = False
     message: str = ""
+    n_dl_columns: int = 0
+    dl_iterations: int = 0
 
     @property
     def n_exact(self) -> int:
@@ -238,6 +263,9 @@ class _Sampled(NamedTuple):
     t_solve: float
     t_filter: float
     t_assemble: float
+    n_dl: int = 0
+    dl_iterations: int = 0
+    t_dl: float = 0.0
 
 
 class _Final(NamedTuple):
@@ -282,7 +310,8 @@ def _nullvec(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         v = torch.zeros(M.shape[1], dtype=M.dtype)
         v[0] = 1
         return v, torch.zeros(M.shape[1], dtype=M.dtype)
-    _, s, vh = torch.linalg.svd(M, full_matrices=True)
+    # the full V is needed only when M has fewer rows than columns (its null space is then wider)
+    _, s, vh = torch.linalg.svd(M, full_matrices=M.shape[0] < M.shape[1])
     full = torch.zeros(M.shape[1], dtype=M.dtype)
     full[: s.numel()] = s
     return vh[-1], full
@@ -358,7 +387,7 @@ def verify_inputs(dW: torch.Tensor, W: torch.Tensor, b: torch.Tensor, X: torch.T
     rank_tol = rank_tol or rt
     zero_tol = zero_tol or zt
     dW = dW.detach().to(torch.float64)
-    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    U, S, Vh = _low_rank_svd(dW, batch_size, rank_tol)
     B = batch_size or estimate_rank(S, rank_tol)
     alive = dW.abs().amax(1) > 0
     full = _Full(U[:, :B], S[:B], Vh[:B], W.detach().double(), b.detach().double(), alive, zero_tol)
@@ -633,9 +662,31 @@ def _normalise(dW: torch.Tensor, db: torch.Tensor, W: torch.Tensor, b: torch.Ten
     return _Problem(dW / scale, db / scale, W, b, scale)
 
 
+def _low_rank_svd(A: torch.Tensor, k_hint: int | None, rank_tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading SVD of ``A``: exact when ``A`` has a numerical rank below the sketch size, else the full SVD.
+
+    A full SVD of a 2000×3072 gradient costs ~25 s on two cores, yet an exact gradient has rank
+    B ≪ m: the range of ``A Ω`` (Ω a fixed Gaussian n×k, k > B) is then the column space of
+    ``A`` to float64 rounding, and the SVD of ``Pᵀ A`` (k×n) gives its singular triplets. The
+    sketch grows until the spectrum drops below ``rank_tol`` inside it (an exact low rank); a
+    noisy update never does and gets the full SVD, whose tail the rank estimate needs.
+    """
+    m, n = A.shape
+    full = min(m, n)
+    k = min(full, max(2 * (k_hint or 32) + 16, 64))
+    gen = torch.Generator().manual_seed(0)  # fixed sketch: same inputs, same bits
+    while k < full // 2:
+        P = torch.linalg.qr(A @ torch.randn(n, k, dtype=A.dtype, generator=gen)).Q
+        Ub, S, Vh = torch.linalg.svd(P.T @ A, full_matrices=False)
+        if float(S[-1]) <= rank_tol * float(S[0]):
+            return P @ Ub, S, Vh
+        k *= 2
+    return torch.linalg.svd(A, full_matrices=False)
+
+
 def _factorise(dW: torch.Tensor, batch_size: int | None, rank_tol: float) -> _Rank:
     """SVD of ``∂L/∂W`` and the batch size: the given one, unless the spectrum shows an exact lower rank."""
-    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    U, S, Vh = _low_rank_svd(dW, batch_size, rank_tol)
     rank = estimate_rank(S, rank_tol)
     B = rank if batch_size is None else min(int(batch_size), S.numel())
     if batch_size is not None and rank < B and rank < S.numel() and float(S[rank]) <= rank_tol * float(S[0]):
@@ -715,10 +766,14 @@ def _row_candidates(full: _Full, RW: torch.Tensor, Rb: torch.Tensor, rows: torch
     Xc = Xc[(full.W[ridx] * Xc).sum(1) + full.b[ridx] > 0]
     if Xc.shape[0] == 0:
         return Xc, torch.zeros(0, dtype=torch.long)
-    rep, counts = _group(Xc, 1e-9)
-    Xc = Xc[rep]
+    # candidates lie in the row space of Vh, where distances are those of their B coordinates:
+    # grouping there costs B instead of n per pair (n = 3072 for 32×32 RGB)
+    coords = Xc @ full.Vh.T
+    rep, counts = _group(coords, 1e-9)
+    Xc, coords = Xc[rep], coords[rep]
     if known:
-        d = torch.cdist(Xc, torch.stack(known), compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
+        kc = torch.stack(known) @ full.Vh.T
+        d = torch.cdist(coords, kc, compute_mode="donot_use_mm_for_euclid_dist").amin(dim=1)
         far = d > 1e-9 * Xc.norm(dim=1).clamp_min(1e-300)
         Xc, counts = Xc[far], counts[far]
     return Xc, counts
@@ -834,7 +889,7 @@ def _residual(prob: _Problem, full: _Full, peeled: _Peeled) -> _Residual:
     """The rank-B' problem of the samples peeling did not find."""
     Bp = full.B - len(peeled.X)
     if peeled.X:
-        U2, S2, Vh2 = torch.linalg.svd(peeled.RW, full_matrices=False)
+        U2, S2, Vh2 = _low_rank_svd(peeled.RW, Bp, 1e-10) if Bp > 0 else torch.linalg.svd(peeled.RW, full_matrices=False)
         U2, S2, Vh2 = U2[:, :Bp], S2[:Bp], Vh2[:Bp]
         ralive = full.alive & (peeled.RW.norm(dim=1) > 10 * full.zero_tol * prob.dW.norm(dim=1).clamp_min(1e-300))
     else:
@@ -860,29 +915,56 @@ def _search_limits(res: _Residual, params: SpearParams, clean: bool) -> _Limits:
 
 
 def _sample(prob: _Problem, full: _Full, clean: bool, peeled: _Peeled, params: SpearParams,
-            gen: torch.Generator, t_start: float) -> _Sampled:
-    """The samples peeling left, from the sampling search (or the best approximate batch)."""
+            gen: torch.Generator, t_start: float, signs: torch.Tensor | None = None) -> _Sampled:
+    """The samples peeling left: dictionary learning seeds the pool, sampling completes it (or the best
+    approximate batch)."""
     res = _residual(prob, full, peeled)
     lim = _search_limits(res, params, clean)
     sampler = _Sampler(res.U, res.alive, full.zero_tol, _PROBE_ROWS, gen, lim.tau, lim.floor)
-    search = _search(sampler, res, full, clean, params, lim.budget, t_start)
+    t = time.perf_counter()
+    n_dl, dl_iters = _dl_seed(sampler, res, lim, params, gen, signs) if clean else (0, 0)
+    t_dl = time.perf_counter() - t
+    search = _search(sampler, res, full, clean, params, lim.budget, t_start, seeded=n_dl > 0)
     if search.best is not None:
         X, G, n_sampled, approximate = search.best.X, search.best.G, search.best.n_ok, not clean
     else:
         (X, G), n_sampled, approximate = _fallback_batch(sampler, res, gen), 0, True
     return _Sampled(X, G, n_sampled, sampler.tried, approximate, search.message, sampler.t_solve,
-                    sampler.t_filter, search.t_assemble)
+                    sampler.t_filter, search.t_assemble, n_dl, dl_iters, t_dl)
+
+
+def _dl_seed(sampler: _Sampler, res: _Residual, lim: _Limits, params: SpearParams, gen: torch.Generator,
+             signs: torch.Tensor | None) -> tuple[int, int]:
+    """Certified columns from the dictionary-learning search, added to the sampler's pool.
+
+    Returns (columns certified, subgradient steps taken). Off below ``params.dl_min_batch``
+    (the sampler is cheap there and B' ≤ 2 needs no search) and when ``dictionary_learning`` is False.
+    """
+    if not params.dictionary_learning or res.Bp < max(params.dl_min_batch, 3) or res.n_alive < res.Bp:
+        return 0, 0
+    cfg = DLConfig(iterations=params.dl_iterations, rounds=params.dl_rounds, starts=params.dl_starts,
+                   rho=params.dl_rho)
+    pats = signs[:, sampler.alive_idx] if signs is not None else None
+    found = dl_columns(sampler.Ua, sampler.zero_tol, lim.tau, pats, cfg, gen)
+    if found.q.shape[0]:
+        sampler._add(found.q, found.zero, found.counts)
+    return int(found.q.shape[0]), found.iterations
 
 
 def _search(sampler: _Sampler, res: _Residual, full: _Full, clean: bool, params: SpearParams, budget: int,
-            t_start: float) -> _Search:
-    """Sample chunks of proposals and assemble batches from the pool until one is exact or a budget runs out."""
+            t_start: float, seeded: bool = False) -> _Search:
+    """Sample chunks of proposals and assemble batches from the pool until one is exact or a budget runs out.
+
+    ``seeded``: the pool already holds (dictionary-learning) columns, so a batch is assembled
+    before any sampling. Sampling is skipped when B' > ``params.sample_max_batch``: one proposal
+    succeeds with probability about B'·2^-(B'-1), so there it only burns its budget.
+    """
     Bp = res.Bp
     best: _Batch | None = None
     full_ok = False
     message = ""
     t_assemble = 0.0
-    if Bp <= 2 and clean:
+    if (Bp <= 2 or seeded) and clean:
         # the last two columns need no sampling (_complete)
         ta = time.perf_counter()
         best = _select(sampler, res, full, clean)
@@ -890,6 +972,11 @@ def _search(sampler: _Sampler, res: _Residual, full: _Full, clean: bool, params:
         full_ok = best is not None and best.n_ok == Bp
     pending = False
     next_assembly = 0  # proposals tried at which the pool is next assembled
+    if not full_ok and clean and Bp > max(params.sample_max_batch, 2):
+        n = sampler.pool_q.shape[0]
+        exact = best.n_ok if best is not None else 0
+        return _Search(best, f"{n} of {Bp} residual columns certified, {exact} samples exact; "
+                             f"sampling skipped at B' = {Bp} > sample_max_batch", t_assemble)
     while not full_ok and Bp > 1 and res.n_alive >= Bp:
         out_of_time = _out_of_time(t_start, params.time_budget_s)
         out_of_props = sampler.tried >= budget
@@ -1066,6 +1153,7 @@ def spear_recover(
     params: SpearParams | None = None,
     *,
     seed: int = 0,
+    class_signs: torch.Tensor | None = None,
 ) -> SpearResult:
     """Recover the inputs of a Linear→ReLU layer from its weight and bias gradients.
 
@@ -1075,6 +1163,9 @@ def spear_recover(
     :param batch_size: B when known; otherwise the numerical rank of ``dW``.
     :param params: a :class:`SpearParams` (``Spear.Params``); defaults when None.
     :param seed: seeds the sampling stage's generator.
+    :param class_signs: K×m class sign patterns in {−1, 0, 1} for the dictionary-learning search,
+        only for a layer that feeds the logits of a cross-entropy loss directly (see
+        :func:`defenda_attacks._spear_dl.dl_columns`); None: plain ℓ1.
     :returns: a :class:`SpearResult` with ``inputs`` of shape ``(B̂, n)``.
     """
     p = params or SpearParams()
@@ -1098,8 +1189,10 @@ def spear_recover(
     timings["peel"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sampled = _sample(prob, full, rk.clean, peeled, p, gen, t_start) if rk.B > len(peeled.X) else None
+    signs = class_signs.detach().to(torch.float64).cpu() if class_signs is not None else None
+    sampled = _sample(prob, full, rk.clean, peeled, p, gen, t_start, signs) if rk.B > len(peeled.X) else None
     if sampled is not None:
+        timings["dictionary_learning"] = sampled.t_dl
         timings["sample_solve"] = sampled.t_solve
         timings["sample_filter"] = sampled.t_filter
     timings["sample"] = time.perf_counter() - t
@@ -1117,4 +1210,6 @@ def spear_recover(
         proposals=sampled.proposals if sampled is not None else 0, seconds=time.perf_counter() - t_start,
         timings=timings, n_peeled=len(peeled.X), n_sampled=sampled.n_sampled if sampled is not None else 0,
         approximate=approximate or not bool(final.exact.all()), message=message,
+        n_dl_columns=sampled.n_dl if sampled is not None else 0,
+        dl_iterations=sampled.dl_iterations if sampled is not None else 0,
     )
