@@ -64,7 +64,7 @@ def ledger_accounting(entries: Iterable[Entry], delta: float, accountant: str = 
     multiplier ≤ 0 gives ε = ∞ (an unnoised release). See the module docstring for the PRV fallback.
     """
     _check_delta(delta, accountant)
-    history = _merged([_entry(e) for e in entries])
+    history = _merged([validated_entry(e) for e in entries])
     if not history:
         return Epsilon(0.0, accountant)
     if any(sigma <= 0 for sigma, _, _ in history):
@@ -125,7 +125,7 @@ class PrivacyLedger:
         """Record one participation of ``client``."""
         if int(client) != client or client < 0:
             raise ValueError(f"client must be an integer id ≥ 0, got {client!r}")
-        self._entries.setdefault(int(client), []).append(_entry(entry))
+        self._entries.setdefault(int(client), []).append(validated_entry(entry))
 
     def entries(self, client: int) -> list[Entry]:
         """``client``'s ledger, oldest first (a copy; empty if it never took part)."""
@@ -158,12 +158,13 @@ class PrivacyLedger:
         ledger = cls()
         for client, entries in snapshot.items():
             for entry in entries:
-                ledger.add(int(client), _entry(entry))
+                ledger.add(int(client), validated_entry(entry))
         return ledger
 
 
-def _entry(entry: Iterable[float | int]) -> Entry:
-    """One validated ``(noise_multiplier, sample_rate, steps)`` segment as plain Python numbers."""
+def validated_entry(entry: Iterable[float | int]) -> Entry:
+    """One validated ``(noise_multiplier, sample_rate, steps)`` segment as plain Python numbers (ledger entries
+    here, bound segments in :mod:`defenda.federation.bounds`)."""
     values = tuple(entry)
     if len(values) != 3:
         raise ValueError(f"a ledger entry is (noise_multiplier, sample_rate, steps), got {values!r}")

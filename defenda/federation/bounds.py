@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from defenda.federation.accounting import validated_entry
+
 Segment = tuple[float, float, int]
 
 METHODS = ("exact", "pld", "rdp", "limit", "no-noise", "none")
@@ -87,21 +89,8 @@ class NotCovered:
 
 
 def _segments(segments: Iterable[Iterable[float | int]]) -> list[Segment]:
-    """Validated ``(σ, q, T)`` segments as plain numbers (same rules as accounting's ledger entries)."""
-    out = []
-    for entry in segments:
-        values = tuple(entry)
-        if len(values) != 3:
-            raise ValueError(f"a segment is (noise_multiplier, sample_rate, steps), got {values!r}")
-        sigma, q, steps = float(values[0]), float(values[1]), values[2]
-        if math.isnan(sigma):
-            raise ValueError(f"noise_multiplier must be a number (≤ 0 means no noise), got {values[0]!r}")
-        if not 0 <= q <= 1:
-            raise ValueError(f"sample_rate must be in [0, 1], got {values[1]!r}")
-        if int(steps) != steps or steps < 0:
-            raise ValueError(f"steps must be an integer ≥ 0, got {values[2]!r}")
-        out.append((sigma, q, int(steps)))
-    return out
+    """Validated ``(σ, q, T)`` segments as plain numbers (accounting's ledger-entry rules)."""
+    return [validated_entry(entry) for entry in segments]
 
 
 def _check_kappa(kappa: float) -> float:
