@@ -200,12 +200,18 @@ def _attack_trial(plugins: Plugins, trial: Trial,
     if v.facts:  # a federation: under Poisson sampling the expected size; num_samples is what was drawn
         values.update({k: v.facts[k] for k in ("round", "client", "num_samples", "aggregation_size", "batch_size")})
         extra["observation"] = {"local_steps": v.facts["local_steps"], "clients": v.facts["clients"]}
-    extra["attack_info"] = _jsonable(recon.info)
-    arrays = None
-    if v.data.kind == "image" and trial.save_reconstructions:
-        arrays = {"truth": v.data.to_unit(xm).clamp(0, 1).numpy().astype(np.float32),
-                  "recon": v.data.to_unit(matched.inputs).clamp(0, 1).numpy().astype(np.float32)}
+    extra["attack_info"] = jsonable_info(recon.info)
+    arrays = image_arrays(v.data, xm, matched) if trial.save_reconstructions else None
     return values, extra, attack_seconds, arrays
+
+
+def image_arrays(data: TaskData, x: torch.Tensor, matched: Reconstruction) -> dict[str, np.ndarray] | None:
+    """The store's ``recon/<key>.npz`` arrays of an image trial: truth and matched reconstruction in unit
+    space, clamped to [0, 1], float32 (None for other tasks)."""
+    if data.kind != "image":
+        return None
+    return {"truth": data.to_unit(x).clamp(0, 1).numpy().astype(np.float32),
+            "recon": data.to_unit(matched.inputs).clamp(0, 1).numpy().astype(np.float32)}
 
 
 def run_trial(trial: Trial, device: str = "cpu") -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
@@ -257,7 +263,9 @@ def failed_trial(trial: Trial, reason: str, plugin: str) -> tuple[dict[str, Any]
     return row, None
 
 
-def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
+def jsonable_info(info: dict[str, Any]) -> dict[str, Any]:
+    """The scalar, JSON-friendly entries of a reconstruction's ``info`` (one-element tensors as numbers,
+    non-finite floats as None; everything else dropped) — the row's ``extra["attack_info"]``."""
     out = {}
     for k, v in (info or {}).items():
         if isinstance(v, torch.Tensor):

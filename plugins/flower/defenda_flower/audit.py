@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -55,7 +54,7 @@ from defenda.contracts import reconstruction_problems
 from defenda.grants import grant_knowledge, visible_update
 from defenda.harness.services import load_task
 from defenda.harness.store import Store
-from defenda.harness.trial import score
+from defenda.harness.trial import image_arrays, jsonable_info, score
 from defenda.harness.utility import now
 from defenda.plugins import get_plugins
 from defenda_flower.arrays import numpy_of, shared_update
@@ -310,15 +309,14 @@ class LeakageAudit(Strategy):
                     problems = reconstruction_problems(recon, data.input_shape)
                     if problems:
                         raise ValueError(problems[0])
-                    extra["attack_info"] = _jsonable(recon.info)
+                    extra["attack_info"] = jsonable_info(recon.info)
                     if truth is not None:
                         x = torch.as_tensor(truth[0])
                         values, scored, matched, xm, _ = score(plugins, x, torch.as_tensor(truth[1]), recon, data)
                         row.update(values)
                         extra.update(scored)
-                        if data.kind == "image" and self.save_reconstructions:
-                            arrays = {"truth": data.to_unit(xm).clamp(0, 1).numpy().astype(np.float32),
-                                      "recon": data.to_unit(matched.inputs).clamp(0, 1).numpy().astype(np.float32)}
+                        if self.save_reconstructions:
+                            arrays = image_arrays(data, xm, matched)
                     else:
                         row["reason"] = "not scored: no ground truth from this client (GroundTruthMod not " \
                                         "installed, or the client did not consent)"
@@ -404,15 +402,3 @@ def _save_unscored(out: Path, key: str, recon: Any, data: Any) -> None:
     if recon.labels is not None:
         arrays["labels"] = recon.labels.detach().cpu().numpy()
     np.savez_compressed(folder / f"{key}.npz", **arrays)
-
-
-def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in (info or {}).items():
-        if isinstance(v, torch.Tensor):
-            v = v.item() if v.numel() == 1 else None
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        if isinstance(v, (str, int, float, bool, type(None))):
-            out[k] = v
-    return out
