@@ -45,10 +45,13 @@ from defenda.harness.report_style import (
     clip_for_display,
     display_for,
     draw_band,
+    finish_figure,
     has_prior,
     leak_cells,
+    legend_bottom,
     mark_cap,
     plt_module,
+    strength_param_of,
 )
 from defenda.harness.store import Store
 
@@ -328,19 +331,12 @@ def _tradeoff_figure(sub: Any, task: str, disp: Display, out: Path, kinds: dict[
         ax.set_xlabel(xlabel)
         ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=9)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(8, len(handles)), fontsize=9,
-               frameon=False)
-    fig.suptitle(f"Privacy/utility on {task}: one curve per defense, one point per strength"
-                 + ("\n" if ncols < 3 else " ") + "(median over seeds, bars min–max; labels: weakest/strongest "
-                 "strength, ε for DP)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97 if ncols > 2 else 0.95))
-    path = out / f"tradeoff_{task}_{metric}.png"
-    fig.savefig(path, dpi=130, bbox_inches="tight")  # long titles of one-panel figures stay whole
-    fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
-    plt.close(fig)
-    return path
+    title = (f"Privacy/utility on {task}: one curve per defense, one point per strength"
+             + ("\n" if ncols < 3 else " ") + "(median over seeds, bars min–max; labels: weakest/strongest "
+             "strength, ε for DP)")
+    return finish_figure(plt, fig, axes, len(panels), handles, title=title, ncol=min(8, len(handles)),
+                         rect=(0, 0.06, 1, 0.97 if ncols > 2 else 0.95), path=out / f"tradeoff_{task}_{metric}.png",
+                         svg=True)
 
 
 def _tradeoff_panel(ax: Any, agg: Any, defenses: list[str], disp: Display, handles: dict[str, Any]) -> None:
@@ -462,17 +458,11 @@ def _round_figure(fed: Any, task: str, disp: Display, out: Path, util: Any, kind
         if len(feds) > 1:
             title += f"\nfederation {fid}: {_federation_brief(rows)}" if len(rows) else f"\n{fid}"
         ax.set_title(title, fontsize=11 if len(feds) == 1 else 10)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=9,
-               frameon=False)
-    fig.suptitle(f"Leakage against the attacked round on {task}: does training close the gap? "
-                 "(median over seeds and attacked clients, bars min–max)", fontsize=10)
-    fig.tight_layout(rect=(0, (0.3 + 0.25 * math.ceil(len(handles) / 4)) / (3.9 * nrows + 1.0), 1, 0.96))
-    path = out / f"rounds_{task}_{disp.metric}.png"
-    fig.savefig(path, dpi=130, bbox_inches="tight")  # long titles of one-panel figures stay whole
-    plt.close(fig)
-    return path
+    title = (f"Leakage against the attacked round on {task}: does training close the gap? "
+             "(median over seeds and attacked clients, bars min–max)")
+    return finish_figure(plt, fig, axes, len(panels), handles, title=title, ncol=min(4, len(handles)),
+                         rect=(0, legend_bottom(len(handles), 4, 3.9 * nrows + 1.0), 1, 0.96),
+                         path=out / f"rounds_{task}_{disp.metric}.png")
 
 
 def _round_panel(ax: Any, rows: Any, curves: list[tuple[str, float, str]], styles: dict[Any, dict[str, Any]],
@@ -559,21 +549,13 @@ def _aggregation_figure(fed: Any, task: str, disp: Display, out: Path, kinds: di
         ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
     if dashed is not None:
         handles["dashed: same attack, no defense (one client's update)"] = dashed
     legend_cols = min(len(handles), 2 if ncols == 1 else 4)  # one panel is too narrow for four entries a row
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=legend_cols, fontsize=9,
-               frameon=False)
-    fig.suptitle(f"Leakage against the number of aggregated clients on {task}\n"
-                 "(median over seeds and rounds, bars min–max)", fontsize=10)
-    bottom = (0.3 + 0.25 * math.ceil(len(handles) / max(1, legend_cols))) / (3.9 * nrows + 1.3)
-    fig.tight_layout(rect=(0, bottom, 1, 0.94))
-    path = out / f"aggregation_{task}_{metric}.png"
-    fig.savefig(path, dpi=130, bbox_inches="tight")  # long titles of one-panel figures stay whole
-    plt.close(fig)
-    return path
+    title = f"Leakage against the number of aggregated clients on {task}\n(median over seeds and rounds, bars min–max)"
+    return finish_figure(plt, fig, axes, len(panels), handles, title=title, ncol=legend_cols,
+                         rect=(0, legend_bottom(len(handles), legend_cols, 3.9 * nrows + 1.3), 1, 0.94),
+                         path=out / f"aggregation_{task}_{metric}.png")
 
 
 def _table(sub: Any, metric: str) -> str:
@@ -675,18 +657,8 @@ def _most_private(d: Any, parts: list[tuple[str, Any]], defense: str, target: fl
 def _strength_direction(defense: str) -> str:
     """``"up"`` or ``"down"``: which way a defense's strength parameter makes it stronger (the last
     component with a strength for a composed defense; "up" when the plugin is not installed)."""
-    try:
-        from defenda.params import strength_param
-        from defenda.plugins import get_plugins
-
-        registry: Any = get_plugins().registry
-        for part in reversed(defense.split("+")):
-            sp = strength_param(registry.get("defense", part.strip()).cls.Params)
-            if sp is not None:
-                return str(sp.strength)
-    except Exception:
-        pass
-    return "up"
+    sp = strength_param_of(defense)
+    return "up" if sp is None else str(sp.strength)
 
 
 def _partition_text(f: dict[str, Any]) -> str:

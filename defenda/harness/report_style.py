@@ -4,7 +4,9 @@ leakage is drawn (the prior-only band, the display cap). A leaf of the report mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,46 @@ def plt_module() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def strength_param_of(defense: str) -> Any:
+    """The strength parameter of ``defense`` (the last component with one for a composed defense), or
+    None when it has none or its plugin is not installed (the report needs no plugin)."""
+    try:
+        from defenda.params import strength_param
+        from defenda.plugins import get_plugins
+
+        registry: Any = get_plugins().registry
+        for part in reversed(defense.split("+")):
+            sp = strength_param(registry.get("defense", part.strip()).cls.Params)
+            if sp is not None:
+                return sp
+    except Exception:  # an uninstalled or broken plugin: the report still renders
+        pass
+    return None
+
+
+def legend_bottom(entries: int, cols: int, height: float) -> float:
+    """The fraction of a figure ``height`` inches tall that a bottom legend of ``entries`` in ``cols``
+    columns takes (0.3 in of margin, 0.25 in per legend row)."""
+    return (0.3 + 0.25 * math.ceil(entries / max(1, cols))) / height
+
+
+def finish_figure(plt: Any, fig: Any, axes: Any, used: int, handles: dict[str, Any], *, title: str, ncol: int,
+                  rect: tuple[float, float, float, float], path: Path, svg: bool = False) -> Path:
+    """Blank the unused panels, add the shared bottom legend and the title, lay out inside ``rect``,
+    save ``path`` (and its SVG twin) with a tight bounding box — long titles of one-panel figures
+    stay whole — and close the figure."""
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    if svg:
+        fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
+    plt.close(fig)  # through the caller's pyplot (tests record figures there)
+    return path
 
 
 @dataclass(frozen=True)

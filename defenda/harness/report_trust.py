@@ -22,7 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from defenda.harness.report_style import HIGHER_IS_WORSE, MARKERS, NOT_BEATEN, PALETTE, plt_module
+from defenda.harness.report_style import (
+    HIGHER_IS_WORSE,
+    MARKERS,
+    NOT_BEATEN,
+    PALETTE,
+    finish_figure,
+    legend_bottom,
+    plt_module,
+    strength_param_of,
+)
 
 #: the success-rate columns of a trial row and their names in the report
 RATES = {"exact_rate": "exact recovery", "recognised_rate": "recognised", "ident_acc": "identified"}
@@ -337,35 +346,18 @@ def bounds_figure(cells: list[dict[str, Any]], task: str, out: Path) -> Path | N
         # in the title, not over the points: why this panel has no bound (or only some settings have one)
         note = "" if not reasons else "\n" + textwrap.fill("no bound: " + "; ".join(reasons), 60)
         ax.set_title(defense + note, fontsize=11 if not note else 9)
-    for ax in list(axes.flat)[len(defenses):]:
-        ax.axis("off")
     legend_cols = min(len(handles), 2 if ncols == 1 else 4)  # one panel is too narrow for four entries a row
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=max(1, legend_cols), fontsize=9,
-               frameon=False)
-    fig.suptitle(f"Identification on {task} beside the reconstruction-robustness bound\n(pooled over seeds and "
-                 "rounds, bars: 95% Wilson; labels: ε at the end of the run)", fontsize=10)
-    bottom = (0.3 + 0.25 * math.ceil(len(handles) / max(1, legend_cols))) / (4.0 * nrows + 0.9)
-    fig.tight_layout(rect=(0, bottom, 1, 0.93))
-    path = out / f"bounds_{task}.png"
-    fig.savefig(path, dpi=130, bbox_inches="tight")  # long titles of one-panel figures stay whole
-    plt.close(fig)
-    return path
+    title = (f"Identification on {task} beside the reconstruction-robustness bound\n(pooled over seeds and "
+             "rounds, bars: 95% Wilson; labels: ε at the end of the run)")
+    return finish_figure(plt, fig, axes, len(defenses), handles, title=title, ncol=max(1, legend_cols),
+                         rect=(0, legend_bottom(len(handles), legend_cols, 4.0 * nrows + 0.9), 1, 0.93),
+                         path=out / f"bounds_{task}.png")
 
 
 def _strength_name(defense: str) -> str:
     """The name of a defense's strength parameter (the last component with one), "" when unknown."""
-    try:
-        from defenda.params import strength_param
-        from defenda.plugins import get_plugins
-
-        registry: Any = get_plugins().registry
-        for part in reversed(defense.split("+")):
-            sp = strength_param(registry.get("defense", part.strip()).cls.Params)
-            if sp is not None:
-                return str(sp.name)
-    except Exception:  # the report needs no plugin
-        pass
-    return ""
+    sp = strength_param_of(defense)
+    return "" if sp is None else str(sp.name)
 
 
 def _bounds_panel(ax: Any, cells: list[dict[str, Any]], attacks: list[str], handles: dict[str, Any]) -> None:
