@@ -49,40 +49,28 @@ def calibrate_for(defense: Defense, fs: FederationSettings, n_train: int) -> Non
     defense.calibrate(steps=participations * steps_per, sample_rate=b / n_mean, delta=fs.delta, local_steps=1)
 
 
-def epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation, accountant: str = "rdp") -> dict[str, float]:
+def epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation, accountant: str = "rdp", *,
+               release: bool = False) -> dict[str, float]:
     """ε of each observed client of ``obs`` after that round, keyed ``"<round>:<client>"``
     (sample level: the client's ledger so far; client level: the rounds so far); under secure
-    aggregation also ``"<round>:-1"``, the worst client of the aggregate."""
+    aggregation also ``"<round>:-1"``, the worst client of the aggregate.
+
+    ``release=True``: the ε of the single attacked release instead (that round's mechanism alone,
+    not composed with earlier rounds: the ledger's last entry, or one client-level round).
+    """
     out = {}
     z = result.client_epsilon_noise
     for k, c in obs.clients.items():
         if z is not None:
-            eps = client_level_epsilon(z, fs.clients_per_round / fs.clients, obs.round + 1, fs.delta)
-        elif result.ledger.entries(k):
-            eps = ledger_epsilon(result.ledger.entries(k)[:c.ledger_entries], fs.delta, accountant)
+            eps = client_level_epsilon(z, fs.clients_per_round / fs.clients, 1 if release else obs.round + 1,
+                                       fs.delta)
+        elif result.ledger.entries(k) and (c.ledger_entries or not release):
+            first = c.ledger_entries - 1 if release else 0
+            eps = ledger_epsilon(result.ledger.entries(k)[first:c.ledger_entries], fs.delta, accountant)
         else:
             continue
         out[f"{obs.round}:{k}"] = eps
     if obs.hidden and out:  # an aggregate (client -1): the worst of its clients
-        out[f"{obs.round}:-1"] = max(out.values())
-    return out
-
-
-def release_epsilon_at(result: RunResult, fs: FederationSettings, obs: Observation,
-                       accountant: str = "rdp") -> dict[str, float]:
-    """ε of the single attacked release of each observed client of ``obs`` (that round's mechanism
-    alone, not composed with earlier rounds), keyed like :func:`epsilon_at`."""
-    out = {}
-    z = result.client_epsilon_noise
-    for k, c in obs.clients.items():
-        if z is not None:
-            eps = client_level_epsilon(z, fs.clients_per_round / fs.clients, 1, fs.delta)
-        elif c.ledger_entries and result.ledger.entries(k):
-            eps = ledger_epsilon(result.ledger.entries(k)[c.ledger_entries - 1:c.ledger_entries], fs.delta, accountant)
-        else:
-            continue
-        out[f"{obs.round}:{k}"] = eps
-    if obs.hidden and out:
         out[f"{obs.round}:-1"] = max(out.values())
     return out
 
@@ -165,7 +153,7 @@ def measure_federation(plugins: Plugins, job: UtilityJob, device: torch.device,
     for obs in result.observations:
         save_observation(observation_path(out_dir, job.key, obs.round), obs)
         eps_at.update(epsilon_at(result, fs, obs, defense.ledger_accountant()))
-        release_at.update(release_epsilon_at(result, fs, obs, defense.ledger_accountant()))
+        release_at.update(epsilon_at(result, fs, obs, defense.ledger_accountant(), release=True))
         bounds_at.update(rero_at(result, fs, defense, obs, job.seed, 1.0 / IDENTIFICATION_CANDIDATES))
     dp = run_epsilon(result, defense, fs)
     extra = {"accuracy": [[r, a] for r, a in result.accuracy], "partition_hash": result.partition_hash,
