@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +328,178 @@ def _torchvision() -> Any:
     from defenda._torchvision_compat import import_torchvision
 
     return import_torchvision()
+
+
+# --------------------------------------------------------------------------- bundled photographs
+
+
+@dataclass(frozen=True)
+class Photograph:
+    """A photograph shipped inside an installed package (no download), with its licence."""
+
+    name: str
+    package: str  # the distribution that ships it
+    file: str  # path inside the package's data folder
+    licence: str
+    credit: str
+
+    def path(self) -> Path:
+        """Where the installed package keeps the file."""
+        if self.package == "scikit-image":
+            import skimage.data
+
+            return Path(skimage.data.__file__).parent / self.file
+        if self.package == "scikit-learn":
+            import sklearn.datasets
+
+            return Path(sklearn.datasets.__file__).parent / "images" / self.file
+        import matplotlib
+
+        return Path(matplotlib.get_data_path()) / "sample_data" / self.file
+
+    def read(self) -> np.ndarray:
+        """The photograph as ``(H, W, 3)`` uint8 RGB; a one-line DataError if the file is missing."""
+        path = self.path()
+        if not path.is_file():
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                installed = f"{self.package} {version(self.package)}"
+            except PackageNotFoundError:
+                installed = self.package
+            raise DataError(
+                f"photograph {self.name!r} is missing from the installed {installed} (expected {path}); "
+                f"reinstall it with 'pip install --force-reinstall {self.package}' or leave it out of photographs")
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+
+#: The photographs of the ``photos`` task, one class each (licences from each package's own docs:
+#: scikit-image's ``skimage.data`` docstrings, scikit-learn's ``datasets/images/README.txt``).
+PHOTOGRAPHS: tuple[Photograph, ...] = (
+    Photograph("astronaut", "scikit-image", "astronaut.png", "public domain",
+               "NASA (Eileen Collins), via skimage.data.astronaut"),
+    Photograph("chelsea", "scikit-image", "chelsea.png", "CC0", "Stefan van der Walt, via skimage.data.chelsea"),
+    Photograph("coffee", "scikit-image", "coffee.png", "CC0",
+               "Rachel Michetti, courtesy of Pikolo Espresso Bar, via skimage.data.coffee"),
+    Photograph("rocket", "scikit-image", "rocket.jpg", "public domain", "SpaceX (DSCOVR launch), via skimage.data.rocket"),
+    Photograph("hubble", "scikit-image", "hubble_deep_field.jpg", "public domain",
+               "NASA Hubble eXtreme Deep Field, via skimage.data.hubble_deep_field"),
+    Photograph("ihc", "scikit-image", "ihc.png", "no known copyright restrictions",
+               "Center for Microscopy And Molecular Imaging, via skimage.data.immunohistochemistry"),
+    Photograph("retina", "scikit-image", "retina.jpg", "CC0", "Mikael Häggström, via skimage.data.retina"),
+    Photograph("china", "scikit-learn", "china.jpg", "CC BY 2.0",
+               "danielbuechele (Flickr), via sklearn.datasets.load_sample_images"),
+    Photograph("flower", "scikit-learn", "flower.jpg", "CC BY 2.0",
+               "vultilion (Flickr), via sklearn.datasets.load_sample_images"),
+    Photograph("grace_hopper", "matplotlib", "grace_hopper.jpg", "public domain (U.S. Navy photograph)",
+               "U.S. Navy, via matplotlib's sample data"),
+)
+PHOTOGRAPH_NAMES = tuple(p.name for p in PHOTOGRAPHS)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Where a crop of the ``photos`` task comes from: photograph, split and its box in resized pixels."""
+
+    photo: str
+    split: str  # 'train', 'test' or 'public'
+    top: int
+    left: int
+    size: int
+
+
+def photo_crops(
+    photographs: Sequence[str] = PHOTOGRAPH_NAMES, *, scale: int = 256, crop: int = 32, test_fraction: float = 0.2,
+    public_fraction: float = 0.1, split_seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, list[Crop]]:
+    """Non-overlapping ``crop``×``crop`` RGB tiles of the bundled photographs, one class per photograph.
+
+    Each photograph is resized (Lanczos) so that its short side is ``scale`` pixels and cut
+    into a grid of disjoint tiles, taken column by column. Per photograph, a contiguous run of
+    that order (starting at a column chosen by ``split_seed``) of ``public_fraction`` of its
+    tiles is the attacker's public split, the next run of ``test_fraction`` the test split and
+    the rest the clients' data — so no two crops overlap, within a split or across splits,
+    and the public crops come from another part of each photograph than the private ones.
+
+    :returns: unit-space images ``(N, 3, crop, crop)`` in [0, 1], labels ``(N,)`` (the
+        photograph's index in ``photographs``) and each crop's :class:`Crop`.
+    """
+    _check_fractions(test_fraction, public_fraction)
+    known = {p.name: p for p in PHOTOGRAPHS}
+    unknown = [n for n in photographs if n not in known]
+    if unknown or len(set(photographs)) != len(photographs) or len(photographs) < 2:
+        raise DataError(f"photographs must be at least two distinct names of {list(PHOTOGRAPH_NAMES)}, "
+                        f"got {list(photographs)}")
+    if crop < 4 or scale < crop:
+        raise DataError(f"need 4 <= crop <= scale, got crop={crop}, scale={scale}")
+    from PIL import Image
+
+    tiles, labels, where = [], [], []
+    for label, name in enumerate(photographs):
+        image = Image.fromarray(known[name].read())
+        factor = scale / min(image.size)
+        width, height = round(image.size[0] * factor), round(image.size[1] * factor)
+        pixels = np.asarray(image.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
+        rows, cols = height // crop, width // crop
+        top0, left0 = (height - rows * crop) // 2, (width - cols * crop) // 2  # centre the grid
+        grid = [(top0 + r * crop, left0 + c * crop) for c in range(cols) for r in range(rows)]
+        n = len(grid)
+        start = int(np.random.default_rng([split_seed, label]).integers(cols)) * rows
+        order = [grid[(start + i) % n] for i in range(n)]
+        n_public, n_test = round(public_fraction * n), round(test_fraction * n)
+        for i, (top, left) in enumerate(order):
+            split = "public" if i < n_public else "test" if i < n_public + n_test else "train"
+            tiles.append(pixels[top:top + crop, left:left + crop])
+            labels.append(label)
+            where.append(Crop(name, split, top, left, crop))
+    x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.as_tensor(labels, dtype=torch.long), where
+
+
+def load_photos_task(
+    photographs: Sequence[str] = PHOTOGRAPH_NAMES, *, scale: int = 256, crop: int = 32, test_fraction: float = 0.2,
+    public_fraction: float = 0.1, split_seed: int = 0, max_samples: int | None = None,
+) -> TaskData:
+    """32×32 RGB crops of ten photographs bundled with scikit-image, scikit-learn and matplotlib.
+
+    One class per photograph; spatially disjoint train / test / public crops (see
+    :func:`photo_crops`); channels normalised with the train split's statistics.
+    ``max_samples`` keeps at most that many crops (drawn with ``split_seed`` from all splits).
+    """
+    x, y, where = photo_crops(photographs, scale=scale, crop=crop, test_fraction=test_fraction,
+                              public_fraction=public_fraction, split_seed=split_seed)
+    keep = subsample(len(y), max_samples, split_seed)
+    split = np.array([c.split for c in where])[keep]
+    x, y = _take(x, y, keep)
+    parts = [_take(x, y, np.flatnonzero(split == s)) for s in ("train", "test", "public")]
+    return image_task_data("photos", len(photographs), *parts)
+
+
+def load_faces_task(
+    *, image_size: int = 25, test_fraction: float = 0.2, public_fraction: float = 0.1, split_seed: int = 0,
+    max_samples: int | None = None,
+) -> TaskData:
+    """Labeled Faces in the Wild as bundled with scikit-image (``lfw_subset``): 200 real 25×25 grayscale
+    crops, 100 faces (class 1) and 100 non-faces from the same photographs' backgrounds (class 0).
+
+    ``image_size`` other than 25 resizes bilinearly (antialiased when shrinking).
+    """
+    import skimage.data
+
+    path = Path(skimage.data.__file__).parent / "lfw_subset.npy"
+    if not path.is_file():
+        raise DataError(f"lfw_subset.npy is missing from the installed scikit-image (expected {path}); "
+                        "reinstall it with 'pip install --force-reinstall scikit-image'")
+    if image_size < 4:
+        raise DataError(f"image_size must be at least 4, got {image_size}")
+    images = np.load(path).astype(np.float32)
+    x = torch.from_numpy(np.clip(images, 0.0, 1.0)).unsqueeze(1)
+    if image_size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                                            antialias=image_size < x.shape[-1]).clamp(0.0, 1.0)
+    y = torch.cat([torch.ones(100, dtype=torch.long), torch.zeros(len(images) - 100, dtype=torch.long)])
+    return _split_and_build("faces", "image", x, y, 2, test_fraction=test_fraction, public_fraction=public_fraction,
+                            split_seed=split_seed, max_samples=max_samples)

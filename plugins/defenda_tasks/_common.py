@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from defenda import Task, param
 from defenda.models import ACTIVATIONS as _MODEL_ACTIVATIONS
+from defenda.models import MODEL_FAMILIES
 
 if TYPE_CHECKING:
     from torch import nn
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 #: The activations ``defenda.models.build_model`` knows (the choices of ``act``).
 ACTIVATIONS = tuple(_MODEL_ACTIVATIONS)
-IMAGE_MODELS = ("mlp", "cnn", "resnet18")
+IMAGE_MODELS = MODEL_FAMILIES
 
 
 def model_param(default: str, choices: tuple[str, ...] = IMAGE_MODELS) -> Any:
@@ -64,10 +65,19 @@ class TaskParams:
 
 @dataclass(frozen=True)
 class ImageTaskParams(TaskParams):
-    """:class:`TaskParams` of an image task: adds the normalisation layers of resnet18."""
+    """:class:`TaskParams` of an image task: adds the convolutional families' layers."""
 
-    norm: str = param("group", "normalisation layers of resnet18: group (Opacus-compatible) or batch",
+    norm: str = param("group", "normalisation layers of convnet and resnet18: group (Opacus-compatible) or batch",
                       choices=("group", "batch"))
+    width: int | None = param(None, "channel width of convnet and resnet18 (None: convnet 16, resnet18 64)")
+    head: tuple[int, ...] = param((), "hidden widths of a Linear→ReLU head on the convnet (SPEAR's CNN route needs one)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.width is not None and self.width < 1:
+            raise ValueError(f"width must be at least 1, got {self.width}")
+        if any(w < 1 for w in self.head):
+            raise ValueError(f"head widths must be at least 1, got {self.head}")
 
 
 class CachedTask(Task):
@@ -94,7 +104,8 @@ class CachedTask(Task):
 
         p = self.params
         return build_model(p.model, data.input_shape, data.num_classes, widths=p.widths, act=p.act,
-                           norm=getattr(p, "norm", "group"))
+                           norm=getattr(p, "norm", "group"), width=getattr(p, "width", None),
+                           head=getattr(p, "head", ()))
 
     def __getstate__(self) -> dict[str, Any]:
         # Ship Params, not the cached tensors, to worker processes: reloading is
