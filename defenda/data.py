@@ -32,6 +32,7 @@ at random with ``split_seed``, before splitting) — for quick runs.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from collections.abc import Sequence
@@ -359,6 +360,14 @@ class Photograph:
 
     def read(self) -> np.ndarray:
         """The photograph as ``(H, W, 3)`` uint8 RGB; a one-line DataError if the file is missing."""
+        path = self.check()
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+    def check(self) -> Path:
+        """The file's path; a one-line DataError saying what to do when the installed package lacks it."""
         path = self.path()
         if not path.is_file():
             from importlib.metadata import PackageNotFoundError, version
@@ -370,10 +379,7 @@ class Photograph:
             raise DataError(
                 f"photograph {self.name!r} is missing from the installed {installed} (expected {path}); "
                 f"reinstall it with 'pip install --force-reinstall {self.package}' or leave it out of photographs")
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        return path
 
 
 #: The photographs of the ``photos`` task, one class each (licences from each package's own docs:
@@ -435,14 +441,11 @@ def photo_crops(
                         f"got {list(photographs)}")
     if crop < 4 or scale < crop:
         raise DataError(f"need 4 <= crop <= scale, got crop={crop}, scale={scale}")
-    from PIL import Image
-
     tiles, labels, where = [], [], []
     for label, name in enumerate(photographs):
-        image = Image.fromarray(known[name].read())
-        factor = scale / min(image.size)
-        width, height = round(image.size[0] * factor), round(image.size[1] * factor)
-        pixels = np.asarray(image.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
+        known[name].check()  # every time: the resized pixels are cached, the file may have gone
+        pixels = _resized_photograph(known[name], scale)
+        height, width = pixels.shape[:2]
         rows, cols = height // crop, width // crop
         top0, left0 = (height - rows * crop) // 2, (width - cols * crop) // 2  # centre the grid
         grid = [(top0 + r * crop, left0 + c * crop) for c in range(cols) for r in range(rows)]
@@ -457,6 +460,20 @@ def photo_crops(
             where.append(Crop(name, split, top, left, crop))
     x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
     return x, torch.as_tensor(labels, dtype=torch.long), where
+
+
+@functools.lru_cache(maxsize=32)
+def _resized_photograph(photo: Photograph, scale: int) -> np.ndarray:
+    """``photo`` resized (Lanczos) to a short side of ``scale`` pixels, float32 in [0, 1] (cached: decoding
+    and resizing the large photographs takes seconds)."""
+    from PIL import Image
+
+    image = Image.fromarray(photo.read())
+    factor = scale / min(image.size)
+    size = (round(image.size[0] * factor), round(image.size[1] * factor))
+    pixels = np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
+    pixels.setflags(write=False)
+    return pixels
 
 
 def load_photos_task(

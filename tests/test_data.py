@@ -264,7 +264,7 @@ def test_registered_tasks_and_params() -> None:
     registered: list[type] = []
     defenda_tasks.defenda_register_tasks(registered.append)
     names = [cls.name for cls in registered]
-    assert names == ["digits", "breast-cancer", "cifar10", "mnist", "imagefolder"]
+    assert names == ["digits", "breast-cancer", "photos", "faces", "cifar10", "mnist", "imagefolder"]
     for cls in registered:
         assert validate_params_class(cls.Params) == [], cls.name
         assert cls.summary()
@@ -294,15 +294,19 @@ def test_task_params_share_one_base_and_keep_their_defaults() -> None:
         "mnist": {"root": "data", **model, **split},
         "imagefolder": {"root": "data/images", "image_size": 32, **model, "test_fraction": 0.2, **split},
     }
+    conv = {**model, "model": "convnet", "width": None, "head": ()}
+    expected["photos"] = {**conv, "test_fraction": 0.2, **split, "scale": 256, "crop": 32,
+                          "photographs": D.PHOTOGRAPH_NAMES}
+    expected["faces"] = {**conv, "test_fraction": 0.2, **split, "image_size": 25}
     registered: list[type] = []
     defenda_tasks.defenda_register_tasks(registered.append)
     for cls in registered:
         assert issubclass(cls.Params, TaskParams), cls.name
         assert dataclasses.asdict(cls.Params()) == expected[cls.name], cls.name
     with pytest.raises(ParamError, match="public_fraction"):
-        registered[2](public_fraction=1.0)  # cifar10: no test_fraction, the split is still checked
+        registered[4](public_fraction=1.0)  # cifar10: no test_fraction, the split is still checked
     with pytest.raises(ParamError, match="image_size"):
-        registered[4](image_size=0)
+        registered[6](image_size=0)
 
 
 def test_task_load_caches_and_builds_models(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from defenda.models import ACTIVATIONS, MLP, ResNet18, SmallCNN, build_model
+from defenda.models import ACTIVATIONS, MLP, ConvNet, LeNet, ResNet18, SmallCNN, build_model
 
 torch.set_num_threads(1)
 
@@ -21,6 +21,11 @@ def _small_models() -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
         ("cnn-odd", SmallCNN(1, 7, 3), (1, 7, 7), 3),
         ("resnet-group", ResNet18(3, 10, norm="group", width=8), (3, 32, 32), 10),
         ("resnet-batch", ResNet18(1, 4, norm="batch", width=4), (1, 16, 16), 4),
+        ("convnet-photos", build_model("convnet", (3, 32, 32), 10, width=4), (3, 32, 32), 10),
+        ("convnet-faces-head", build_model("convnet", (1, 25, 25), 2, width=4, head=(16,)), (1, 25, 25), 2),
+        ("convnet-batch", ConvNet(3, 32, 10, width=4, norm="batch"), (3, 32, 32), 10),
+        ("lenet", build_model("lenet", (3, 32, 32), 10), (3, 32, 32), 10),
+        ("lenet-faces", LeNet(1, 25, 2), (1, 25, 25), 2),
     ]
 
 
@@ -49,6 +54,32 @@ def test_build_model_resnet_and_errors() -> None:
         build_model("vgg", (3, 32, 32), 10)
     with pytest.raises(ValueError, match="unknown activation"):
         build_model("mlp", (30,), 2, act="swish")
+    with pytest.raises(ValueError, match="image inputs"):
+        build_model("convnet", (30,), 2)
+    with pytest.raises(ValueError, match="at least 9"):
+        build_model("convnet", (3, 8, 8), 10)
+
+
+def test_convnet_and_lenet_follow_their_papers() -> None:
+    """The Inverting Gradients ConvNet: 8 convolutions w..4w, two max-pools, one linear 36w → classes at 32×32;
+    DLG's LeNet: three 5×5 convolutions of 12 channels, strides 2, 2, 1, sigmoid, linear 768 → classes."""
+    net = build_model("convnet", (3, 32, 32), 10, width=8)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16, 16, 32, 32, 32, 32, 32]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in net.modules()) == 2
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(36 * 8, 10)]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # group norm by default
+    headed = build_model("convnet", (3, 32, 32), 10, width=8, head=(64,))
+    assert [(m.in_features, m.out_features) for m in headed.modules() if isinstance(m, nn.Linear)] == [
+        (288, 64), (64, 10)]
+    lenet = build_model("lenet", (3, 32, 32), 100)
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in lenet.modules() if isinstance(c, nn.Conv2d)] == [
+        ((5, 5), (2, 2), 12), ((5, 5), (2, 2), 12), ((5, 5), (1, 1), 12)]
+    assert sum(isinstance(m, nn.Sigmoid) for m in lenet.modules()) == 3
+    assert [(m.in_features, m.out_features) for m in lenet.modules() if isinstance(m, nn.Linear)] == [(768, 100)]
+    assert isinstance(build_model("resnet18", (3, 32, 32), 10, width=8).fc, nn.Linear)
+    assert build_model("resnet18", (3, 32, 32), 10, width=8).fc.in_features == 64
 
 
 @pytest.mark.parametrize(("label", "model", "shape", "classes"), _small_models(), ids=_ids)
@@ -69,8 +100,10 @@ def test_activations_are_fresh_and_not_inplace() -> None:
         build_model("mlp", (30,), 2),
         build_model("cnn", (1, 8, 8), 10),
         ResNet18(3, 10, norm="group", width=8),
+        ConvNet(3, 32, 10, width=4),
+        LeNet(3, 32, 10),
     ],
-    ids=["mlp", "cnn", "resnet18-group"],
+    ids=["mlp", "cnn", "resnet18-group", "convnet-group", "lenet"],
 )
 def test_opacus_accepts_the_dp_models(model: nn.Module) -> None:
     validators = pytest.importorskip("opacus.validators")

@@ -65,10 +65,20 @@ class TaskParams:
 
 @dataclass(frozen=True)
 class ImageTaskParams(TaskParams):
-    """:class:`TaskParams` of an image task: adds the convolutional families' layers."""
+    """:class:`TaskParams` of an image task: adds the normalisation layers of convnet and resnet18."""
 
     norm: str = param("group", "normalisation layers of convnet and resnet18: group (Opacus-compatible) or batch",
                       choices=("group", "batch"))
+
+
+@dataclass(frozen=True)
+class ConvImageTaskParams(ImageTaskParams):
+    """:class:`ImageTaskParams` plus the convolutional families' width and head.
+
+    A separate class so that the older tasks' parameter sets — hashed into stored trial
+    keys — stay as they were; those tasks build convnet and resnet18 at their default width.
+    """
+
     width: int | None = param(None, "channel width of convnet and resnet18 (None: convnet 16, resnet18 64)")
     head: tuple[int, ...] = param((), "hidden widths of a Linear→ReLU head on the convnet (SPEAR's CNN route needs one)")
 

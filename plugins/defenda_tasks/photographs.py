@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from defenda import param
 from defenda.data import PHOTOGRAPH_NAMES
-from defenda_tasks._common import CachedTask, ImageTaskParams, model_param, test_fraction_param
+from defenda_tasks._common import CachedTask, ConvImageTaskParams, model_param, test_fraction_param
 
 if TYPE_CHECKING:
     from defenda import TaskData
@@ -26,16 +26,19 @@ class PhotosTask(CachedTask):
     name = "photos"
 
     @dataclass(frozen=True)
-    class Params(ImageTaskParams):
+    class Params(ConvImageTaskParams):
         model: str = model_param("convnet")
         test_fraction: float = test_fraction_param()
-        photographs: tuple[str, ...] = param(PHOTOGRAPH_NAMES, "the photographs, one class each (at least two)",
-                                             choices=PHOTOGRAPH_NAMES)
+        photographs: tuple[str, ...] = param(PHOTOGRAPH_NAMES, "the photographs, one class each (at least two of "
+                                             + ", ".join(PHOTOGRAPH_NAMES) + ")")
         scale: int = param(256, "each photograph is resized so its short side has this many pixels, then tiled")
         crop: int = param(32, "side of the square crops in pixels")
 
         def __post_init__(self) -> None:
             super().__post_init__()
+            unknown = [n for n in self.photographs if n not in PHOTOGRAPH_NAMES]
+            if unknown:
+                raise ValueError(f"unknown photographs {unknown}; choose from {list(PHOTOGRAPH_NAMES)}")
             if len(self.photographs) < 2 or len(set(self.photographs)) != len(self.photographs):
                 raise ValueError(f"photographs must be at least two distinct names, got {list(self.photographs)}")
             if not 4 <= self.crop <= self.scale:
@@ -56,7 +59,7 @@ class FacesTask(CachedTask):
     name = "faces"
 
     @dataclass(frozen=True)
-    class Params(ImageTaskParams):
+    class Params(ConvImageTaskParams):
         model: str = model_param("convnet")
         test_fraction: float = test_fraction_param()
         image_size: int = param(25, "side in pixels (25: the crops as shipped; other sizes are resized)")
