@@ -122,6 +122,30 @@ def test_an_attack_can_set_its_own_batch_sizes(registry) -> None:
         parse_study(bad, registry)
 
 
+def test_a_task_can_limit_its_attacks_defenses_and_seeds(registry) -> None:
+    """An expensive task joins a study at a smaller size; the other tasks keep the whole grid and their keys."""
+    raw = copy.deepcopy(TINY_STUDY)
+    raw["attacks"].append({"name": "spear"})
+    raw["tasks"] = [raw.pop("task"), {"name": "faces", "attacks": ["geiping"], "defenses": ["gaussian-noise"],
+                                      "seeds": [1]}]
+    trials = parse_study(raw, registry).trials()
+    faces = [t for t in trials if t.task == "faces"]
+    assert sorted((t.attack, t.defense, t.strength, t.seed) for t in faces) == [
+        ("geiping", "gaussian-noise", 0.01, 1), ("geiping", "gaussian-noise", 0.1, 1)]
+    assert len([t for t in trials if t.task == "digits"]) == 2 * 3 * 2
+    assert "attacks" not in faces[0].task_params  # the scope is not a task parameter
+    alone = copy.deepcopy(TINY_STUDY)
+    alone["attacks"].append({"name": "spear"})
+    assert {t.key for t in parse_study(alone, registry).trials()} == {t.key for t in trials if t.task == "digits"}
+    for key, value, message in (("attacks", ["gias"], r"\['gias'\] not among the study's \[\[attacks\]\]"),
+                                ("defenses", "none", "expected a non-empty list"),
+                                ("seeds", [-1], "non-negative integers")):
+        bad = copy.deepcopy(TINY_STUDY)
+        bad["task"][key] = value
+        with pytest.raises(StudyError, match=message):
+            parse_study(bad, registry)
+
+
 def test_an_optional_task_without_its_files_is_dropped_with_a_notice(registry, tmp_path: Path) -> None:
     from defenda.harness.study import check_against_data
 

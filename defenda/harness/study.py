@@ -61,9 +61,33 @@ class PluginConfig:
     batch_sizes: tuple[int, ...] | None = None
     #: a task table's ``optional = true``: dropped with a notice when its data files are missing
     optional: bool = False
+    #: a task table's ``attacks`` / ``defenses`` / ``seeds``: only those are crossed with this task
+    #: (None: all of the study's), so an expensive task can join a study at a smaller size
+    scope: TaskScope | None = None
 
     def label(self) -> str:
         return self.name if self.strength is None else f"{self.name}@{self.strength:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskScope:
+    """What a ``[[tasks]]`` table limits itself to; None in a field: the study's whole list."""
+
+    attacks: tuple[str, ...] | None = None
+    defenses: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] | None = None
+
+    def admits(self, attack: PluginConfig, defense: PluginConfig) -> bool:
+        return ((self.attacks is None or attack.name in self.attacks)
+                and (self.defenses is None or defense.name in self.defenses))
+
+
+def _admitted(task: PluginConfig, attack: PluginConfig, defense: PluginConfig) -> bool:
+    return task.scope is None or task.scope.admits(attack, defense)
+
+
+def _seeds_of(task: PluginConfig, seeds: list[int]) -> list[int]:
+    return list(seeds) if task.scope is None or task.scope.seeds is None else list(task.scope.seeds)
 
 
 @dataclasses.dataclass
@@ -89,11 +113,16 @@ class Study:
         if self.federations is not None:
             for task, fs, attack, defense in itertools.product(self.tasks, self.federations, self.attacks,
                                                                self.defenses):
-                for bs, seed in itertools.product(attack.batch_sizes or (fs.local_batch_size,), s["seeds"]):
+                if not _admitted(task, attack, defense):
+                    continue
+                for bs, seed in itertools.product(attack.batch_sizes or (fs.local_batch_size,),
+                                                  _seeds_of(task, s["seeds"])):
                     out.extend(federated_trials(s, task, fs.with_batch_size(bs), attack, defense, seed))
             return out
         for task, attack, defense in itertools.product(self.tasks, self.attacks, self.defenses):
-            for bs, seed in itertools.product(attack.batch_sizes or s["batch_sizes"], s["seeds"]):
+            if not _admitted(task, attack, defense):
+                continue
+            for bs, seed in itertools.product(attack.batch_sizes or s["batch_sizes"], _seeds_of(task, s["seeds"])):
                 out.append(make_trial(s, task, attack, defense, bs, seed))
         return out
 
@@ -230,6 +259,7 @@ def _parse(raw: Any, registry: Registry, source: str) -> Study:
     tasks = _parse_plugin_tables(task_tables, "tasks", "task", registry, source)
     attacks = _parse_plugin_tables(raw.get("attacks"), "attacks", "attack", registry, source)
     defenses = _parse_plugin_tables(raw.get("defenses", [{"name": "none"}]), "defenses", "defense", registry, source)
+    _check_scopes(tasks, attacks, defenses, source)
     federations = None
     if "federation" in raw:
         # [[federation]] (an array of tables): several protocols in one study, each with its own sweeps
@@ -301,15 +331,18 @@ def _parse_plugin_tables(tables: Any, section: str, kind: str, registry: Registr
         name = table.get("name")
         if not isinstance(name, str):
             raise _fail(source, where, f"needs name = \"…\"; registered {kind}s: {', '.join(registry.names(kind))}")
-        rest = {k: v for k, v in table.items() if k not in ("name", "batch_sizes", "optional")}
+        rest = {k: v for k, v in table.items() if k not in ("name", "batch_sizes", "optional")
+                and (kind != "task" or k not in _SCOPE_KEYS)}
         own_sizes = _own_batch_sizes(table, kind, f"{where} ('{name}')", source)
         optional = _optional(table, kind, f"{where} ('{name}')", source)
+        scope = _task_scope(table, kind, f"{where} ('{name}')", source)
         try:
             if kind == "defense" and is_composed(name):
                 expanded = _expand_composed(registry, name, rest)
             else:
                 expanded = _expand(registry.get(kind, name).cls, kind, name, rest)
-            configs.extend(dataclasses.replace(c, batch_sizes=own_sizes, optional=optional) for c in expanded)
+            configs.extend(dataclasses.replace(c, batch_sizes=own_sizes, optional=optional, scope=scope)
+                           for c in expanded)
         except (ParamError, DefendaError) as exc:
             raise _fail(source, f"{where} ('{name}')", str(exc)) from None
     return configs
@@ -338,6 +371,44 @@ def _optional(table: dict[str, Any], kind: str, where: str, source: str) -> bool
     if not isinstance(table["optional"], bool):
         raise _fail(source, f"{where} key 'optional'", f"expected true or false, got {table['optional']!r}")
     return bool(table["optional"])
+
+
+_SCOPE_KEYS = ("attacks", "defenses", "seeds")
+
+
+def _task_scope(table: dict[str, Any], kind: str, where: str, source: str) -> TaskScope | None:
+    """A task table's ``attacks``, ``defenses`` and ``seeds`` (checked against the study in :func:`_check_scopes`)."""
+    if kind != "task" or not any(k in table for k in _SCOPE_KEYS):
+        return None
+    values: dict[str, Any] = {}
+    for key in _SCOPE_KEYS:
+        if key not in table:
+            continue
+        value = table[key]
+        want = int if key == "seeds" else str
+        if (not isinstance(value, list) or not value or len(set(value)) != len(value)
+                or not all(isinstance(v, want) and not isinstance(v, bool) for v in value)
+                or (key == "seeds" and min(value) < 0)):
+            what = "non-negative integers" if key == "seeds" else "names of the study's " + key + " tables"
+            raise _fail(source, f"{where} key '{key}'", f"expected a non-empty list of distinct {what}, got {value!r}")
+        values[key] = tuple(value)
+    return TaskScope(**values)
+
+
+def _check_scopes(tasks: list[PluginConfig], attacks: list[PluginConfig], defenses: list[PluginConfig],
+                  source: str) -> None:
+    """Every name in a task's ``attacks`` / ``defenses`` must be one of the study's tables (a typo would
+    silently drop the task's trials)."""
+    known = {"attacks": {a.name for a in attacks}, "defenses": {d.name for d in defenses}}
+    for task in tasks:
+        if task.scope is None:
+            continue
+        for key in ("attacks", "defenses"):
+            names = getattr(task.scope, key)
+            missing = sorted(set(names or ()) - known[key])
+            if missing:
+                raise _fail(source, f"[[tasks]] ('{task.name}') key '{key}'",
+                            f"{missing} not among the study's [[{key}]] ({', '.join(sorted(known[key]))})")
 
 
 def _is_tuple_param(tp: Any) -> bool:
