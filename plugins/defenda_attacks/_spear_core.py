@@ -147,6 +147,7 @@ class SpearParams:
     recover_labels: bool = param(True, "recover labels from the per-sample gradients (when the layer is found)")
     feature_inversion_steps: int = param(300, "Adam steps inverting recovered CNN features to images (0: off)")
     feature_inversion_lr: float = param(0.05, "Adam learning rate of the feature inversion")
+    feature_inversion_tv: float = param(0.1, "total-variation weight of the feature inversion (image prior)")
     features_in_info: bool = param(True, "store recovered CNN features in info['features'] (lists of floats)")
 
 
