@@ -2,13 +2,16 @@
 
 * Geiping's time per iteration through defenda against a bare PyTorch loop of the
   same math (sign-Adam on the global cosine + TV, boxed, step schedule), same run.
+* ``--photos``: the same for the photos ConvNet (width 16, GroupNorm) with ``--restarts`` restarts
+  run as one stacked optimisation, against a bare ``torch.func`` loop of the same stacked math
+  (``vmap(grad(·))`` over the restarts) and against the restarts run one after another.
 * 2 local workers against 1 on the same study (speed-up): ``defenda run`` end to end,
   process start, utility training, trials and the store included.
 * ``--full``: wall time of the whole default study with its report (``defenda run`` into a temp dir).
 * ``--attacks``: the attack benchmarks of the other issues (``bench_spear.py``,
   ``bench_stein.py``, ``bench_gias.py --sections prior,trial``), run one after the other.
 
-Run: ``.venv/bin/python benchmarks/bench_harness.py [--repeats 5] [--full] [--attacks]``
+Run: ``.venv/bin/python benchmarks/bench_harness.py [--repeats 5] [--photos] [--full] [--attacks]``
 """
 
 from __future__ import annotations
@@ -86,6 +89,78 @@ def geiping_overhead(repeats: int, iterations: int) -> dict[str, float]:
     return {"geiping_ms_per_iter": 1e3 * m_ours, "bare_ms_per_iter": 1e3 * m_bare, "overhead_ratio": m_ours / m_bare}
 
 
+def bare_stacked_loop(model: torch.nn.Module, y: torch.Tensor, grads: list[torch.Tensor], lo: torch.Tensor,
+                      hi: torch.Tensor, iterations: int, restarts: int, tv: float = 1e-4) -> torch.Tensor:
+    """Geiping's stacked restarts written as a bare ``torch.func`` loop: ``vmap(grad(objective))``."""
+    from torch.func import functional_call, grad, vmap
+
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+    g_flat = torch.cat([g.flatten() for g in grads])
+    g_norm = g_flat.norm()
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        pred = grad(lambda ps: F.cross_entropy(functional_call(model, dict(zip(names, ps)), (x,)), y))(params)
+        p_flat = torch.cat([p.flatten() for p in pred])
+        loss = 1 - (p_flat @ g_flat) / (p_flat.norm() * g_norm)
+        return loss + tv * ((x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean())
+
+    step = vmap(grad(objective))
+    x = torch.randn((restarts, 1, *lo.shape)).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.1)
+    n = iterations
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [3 * n // 8, 5 * n // 8, 7 * n // 8], gamma=0.1)
+    for _ in range(n):
+        x.grad = step(x.detach()).sign()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+    return x.detach()
+
+
+def photos_restarts(repeats: int, iterations: int, restarts: int, threads: int) -> dict[str, float]:
+    """Per-iteration cost of Geiping with stacked restarts on the photos ConvNet vs bare loops."""
+    from defenda import Knowledge, SharedUpdate
+    from defenda.data import load_photos_task
+    from defenda.federation.client import gradient
+    from defenda.models import build_model
+    from defenda_attacks.geiping import Geiping
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    data = load_photos_task()
+    torch.manual_seed(0)
+    model = build_model("convnet", (3, 32, 32), 10).eval()
+    x, y = data.train[0][:1], data.train[1][:1]
+    grads = gradient(model, x, y)
+    lo, hi = data.box
+    know = Knowledge(space=data.space, batch_size=1, labels=y)
+    update = SharedUpdate(grads, [n for n, _ in model.named_parameters()])
+    attack = Geiping(iterations=iterations, restarts=restarts)
+    ours, bare, seq = [], [], []
+    for r in range(repeats):  # interleaved, so all three see the same machine load
+        torch.manual_seed(r)
+        t = time.perf_counter()
+        attack.reconstruct(update, model, know)
+        ours.append((time.perf_counter() - t) / iterations)
+        torch.manual_seed(r)
+        t = time.perf_counter()
+        bare_stacked_loop(model, y, grads, lo, hi, iterations, restarts)
+        bare.append((time.perf_counter() - t) / iterations)
+        torch.manual_seed(r)
+        t = time.perf_counter()
+        for _ in range(restarts):
+            bare_loop(model, y, grads, lo, hi, iterations)
+        seq.append((time.perf_counter() - t) / iterations)
+    torch.set_num_threads(previous)
+    m_ours, m_bare, m_seq = statistics.median(ours), statistics.median(bare), statistics.median(seq)
+    return {"photos_restarts": restarts, "photos_threads": threads,
+            "photos_geiping_ms_per_iter": 1e3 * m_ours, "photos_bare_stacked_ms_per_iter": 1e3 * m_bare,
+            "photos_bare_sequential_ms_per_iter": 1e3 * m_seq, "photos_overhead_ratio": m_ours / m_bare,
+            "photos_speedup_vs_sequential": m_seq / m_ours}
+
+
 WORKER_STUDY = """
 [study]
 name = "bench-workers"
@@ -144,6 +219,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--photos", action="store_true", help="also the photos ConvNet with stacked restarts")
+    ap.add_argument("--restarts", type=int, default=4, help="restarts for --photos")
+    ap.add_argument("--photos-iterations", type=int, default=40, help="iterations for --photos")
+    ap.add_argument("--photos-threads", type=int, default=2, help="torch threads for --photos")
     ap.add_argument("--full", action="store_true", help="also time the whole default study")
     ap.add_argument("--workers", type=int, default=2, help="workers for --full")
     ap.add_argument("--skip-workers", action="store_true")
@@ -152,6 +231,9 @@ def main() -> None:
     torch.set_num_threads(1)
     results = geiping_overhead(args.repeats, args.iterations)
     print(json.dumps(results), flush=True)
+    if args.photos:
+        results |= photos_restarts(args.repeats, args.photos_iterations, args.restarts, args.photos_threads)
+        print(json.dumps(results), flush=True)
     if not args.skip_workers:
         results |= worker_speedup(max(1, args.repeats // 2))
         print(json.dumps(results), flush=True)

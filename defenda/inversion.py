@@ -10,6 +10,8 @@ optimise (pixels, latents, generator weights):
 * :func:`parameter_gradients` / :func:`simulate_delta` / :func:`predicted_update`
   — the update a candidate batch would produce, differentiable in the inputs
   (FedSGD gradient, or FedAvg delta by unrolling the client's SGD steps).
+* :func:`functional_update` — the same as a pure ``torch.func`` function of the inputs,
+  to ``vmap`` over independent candidates (restarts run as one stacked optimisation).
 * :func:`recover_labels` / :func:`estimate_batch_size` — analytic label and
   batch-size inference from the last linear layer (iDLG; Wainakh et al.'s
   bias-corrected count for batches).
@@ -194,6 +196,54 @@ def predicted_update(
         return [-step * g for g in parameter_gradients(model, x, y, create_graph)]
     return simulate_delta(model, x, y, local_steps=update.local_steps, lr=step, create_graph=create_graph,
                           local_epochs=update.local_epochs, local_batch_size=update.local_batch_size)
+
+
+def functional_update(
+    model: nn.Module,
+    y: torch.Tensor,
+    update: SharedUpdate,
+    *,
+    lr: float | None = None,
+) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """:func:`predicted_update` as a pure function of the candidate inputs, built on
+    ``torch.func`` (``grad`` + ``functional_call``), so that it can be ``vmap``-ed over
+    independent candidates (Geiping's restarts as one stacked optimisation).
+
+    The model's parameters and buffers are captured once (detached); the returned function
+    maps ``x`` ``(B, ...)`` to one tensor per parameter, differentiable in ``x``. Same
+    maths as :func:`predicted_update` (gradient; FedAvg delta unrolled, or one local step
+    as the negated gradient), up to floating-point summation order.
+    """
+    from torch.func import grad
+
+    if update.kind not in ("gradient", "delta"):
+        raise ValueError(f"unknown update kind {update.kind!r}")
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for _, p in model.named_parameters())
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    step = lr if lr is not None else 0.1
+
+    def batch_loss(ps: tuple[torch.Tensor, ...], bx: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        return loss_fn(functional_call(model, {**dict(zip(names, ps)), **buffers}, (bx,)), by)
+
+    grad_fn = grad(batch_loss)
+
+    def fn(x: torch.Tensor) -> list[torch.Tensor]:
+        if update.kind == "gradient":
+            return list(grad_fn(params, x, y))
+        if update.local_steps <= 1:
+            return [-step * g for g in grad_fn(params, x, y)]
+        if update.local_epochs > 0 and update.local_batch_size > 0:
+            b = update.local_batch_size
+            batches = [(x[i:i + b], y[i:i + b]) for i in range(0, len(x), b)] * update.local_epochs
+        else:
+            batches = [(x, y)] * update.local_steps
+        current = params
+        for bx, by in batches:
+            current = tuple(c - step * g for c, g in zip(current, grad_fn(current, bx, by)))
+        return [c - p for c, p in zip(current, params)]
+
+    return fn
 
 
 # --------------------------------------------------------------------------- labels and batch size

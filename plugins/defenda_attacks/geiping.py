@@ -7,7 +7,10 @@ tensors concatenated. ``x̂`` starts from ``randn``; Adam(``lr``) is fed the
 and 7/8 of ``iterations``, and after every step ``x̂`` is clamped to the
 image box (``boxed``; images only, no box for tabular data, where TV is also
 skipped). The model is used in eval mode with double backprop. Of
-``restarts`` runs, the one with the lowest final objective is returned.
+``restarts`` runs, the one with the lowest final objective is returned; with
+more than one, the restarts run as one stacked optimisation (``torch.func``:
+``vmap`` over the per-restart objective's gradient), so one forward and double
+backward per iteration serve all of them.
 
 * Update: ``kind == "gradient"`` (FedSGD) or ``"delta"`` (FedAvg; the client's
   ``local_steps`` SGD steps are unrolled with its learning rate: ``local_lr``,
@@ -34,6 +37,7 @@ from torch import nn
 from defenda import Attack, Knowledge, Reconstruction, Requirements, SharedUpdate, param
 from defenda.inversion import (
     clamp_box,
+    functional_update,
     infer_labels,
     matching_loss,
     multistep_schedule,
@@ -138,21 +142,26 @@ class Geiping(Attack):
             return loss
 
         shape = (batch_size, *knowledge.input_shape)
-        best_x, best_loss = None, float("inf")
-        for _ in range(max(1, p.restarts)):
-            x = self._optimise(objective, self._init(shape, box).to(device=device, dtype=dtype), box)
-            final = float(objective(x, create_graph=False).detach())
-            if best_x is None or final < best_loss:
-                best_x, best_loss = x.detach(), final
+        restarts = max(1, p.restarts)
+        # the restarts' starts, drawn one after the other from the global RNG (as sequential runs would)
+        starts = [self._init(shape, box).to(device=device, dtype=dtype) for _ in range(restarts)]
+        if restarts == 1:
+            best_x = self._optimise(objective, starts[0], box)
+            best_loss = float(objective(best_x, create_graph=False).detach())
+        else:
+            per_restart = self._stacked_objective(model, labels, update, distance, lr, image)
+            xs = self._optimise_stacked(per_restart, torch.stack(starts), box)
+            finals = torch.stack([objective(x, create_graph=False).detach() for x in xs])
+            k = int(torch.argmin(finals))  # first of the lowest, as the sequential loop chose
+            best_x, best_loss = xs[k], float(finals[k])
         info: dict[str, Any] = {
             "loss": best_loss,
             "iterations": p.iterations,
-            "restarts": max(1, p.restarts),
+            "restarts": restarts,
             "batch_size": batch_size,
             "labels_known": known,
             "masked": masks is not None,
         }
-        assert best_x is not None  # restarts >= 1: at least one run
         return Reconstruction(inputs=best_x.cpu(), labels=labels.cpu(), info=info)
 
     def _optimise(self, objective: Any, x0: torch.Tensor, box: Any) -> torch.Tensor:
@@ -163,6 +172,39 @@ class Geiping(Attack):
         for _ in range(p.iterations):
             (grad,) = torch.autograd.grad(objective(x), x)
             x.grad = grad.sign() if p.signed else grad
+            opt.step()
+            sched.step()
+            clamp_box(x, box)
+        return x.detach()
+
+    def _stacked_objective(self, model: nn.Module, labels: torch.Tensor, update: SharedUpdate, distance: Any,
+                           lr: float | None, image: bool) -> Any:
+        """The objective of one restart as a pure function of its inputs (``torch.func``), to vmap."""
+        tv = self.params.tv
+        predict = functional_update(model, labels, update, lr=lr)
+
+        def objective(x: torch.Tensor) -> torch.Tensor:
+            loss = distance(predict(x))
+            if image and tv > 0:
+                loss = loss + tv * total_variation(x)
+            return loss
+
+        return objective
+
+    def _optimise_stacked(self, objective: Any, x0: torch.Tensor, box: Any) -> torch.Tensor:
+        """All restarts ``(R, B̂, ...)`` as one optimisation: one vmapped forward/double backward per
+        iteration, the restarts' gradients computed independently (``vmap(grad(objective))``). Adam,
+        the sign, the schedule and the box act element-wise, so each restart follows its own run."""
+        from torch.func import grad, vmap
+
+        p = self.params
+        step = vmap(grad(objective))
+        x = x0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=p.lr)
+        sched = multistep_schedule(opt, p.iterations)
+        for _ in range(p.iterations):
+            grad_x = step(x.detach())
+            x.grad = grad_x.sign() if p.signed else grad_x
             opt.step()
             sched.step()
             clamp_box(x, box)
