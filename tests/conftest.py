@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 import sys
 import textwrap
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -66,6 +68,18 @@ def make_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., 
 
 def builtin_entry_points() -> list[md.EntryPoint]:
     return list(md.entry_points(group="defenda"))
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """``benchmarks/<name>.py`` imported as module ``name`` (benchmarks are scripts, not a package;
+    tests reuse their victims and scoring)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses in the module look themselves up here
+    spec.loader.exec_module(module)
+    return module
 
 
 TINY_STUDY = {

@@ -8,24 +8,15 @@ route runs in float32, the harness's precision.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+from conftest import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_photos_exact.py"
-
-
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_photos_exact", _BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_photos_exact"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_photos_exact")
 
 
 @pytest.mark.slow

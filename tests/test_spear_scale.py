@@ -7,27 +7,17 @@ Victims are float64 MLPs at initialisation; exact means PSNR > 100 dB on every s
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import load_benchmark
 from defenda_attacks._spear_dl import DLConfig, class_sign_patterns, dl_columns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_spear_scale.py"
-
-
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_spear_scale", _BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_spear_scale"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_spear_scale")
 
 
 def _true_q(L: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
