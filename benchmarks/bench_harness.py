@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,6 +66,19 @@ def bare_loop(model: torch.nn.Module, y: torch.Tensor, grads: list[torch.Tensor]
     return x.detach()
 
 
+def interleaved_medians(runs: list[Callable[[], object]], repeats: int, iterations: int) -> list[float]:
+    """Median seconds per iteration of each of ``runs``, timed in turn within every repeat (so all see
+    the same machine load), each from ``torch.manual_seed(repeat)``."""
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(repeats):
+        for run, out in zip(runs, times):
+            torch.manual_seed(r)
+            t = time.perf_counter()
+            run()
+            out.append((time.perf_counter() - t) / iterations)
+    return [statistics.median(t) for t in times]
+
+
 def geiping_overhead(repeats: int, iterations: int) -> dict[str, float]:
     from defenda import Knowledge, SharedUpdate
     from defenda_attacks.geiping import Geiping
@@ -75,17 +89,9 @@ def geiping_overhead(repeats: int, iterations: int) -> dict[str, float]:
     know = Knowledge(space=data.space, batch_size=1, labels=y)  # type: ignore[attr-defined]
     update = SharedUpdate(grads, [n for n, _ in model.named_parameters()])
     attack = Geiping(iterations=iterations)
-    ours, bare = [], []
-    for r in range(repeats):  # interleaved, so both see the same machine load
-        torch.manual_seed(r)
-        t = time.perf_counter()
-        attack.reconstruct(update, model, know)
-        ours.append((time.perf_counter() - t) / iterations)
-        torch.manual_seed(r)
-        t = time.perf_counter()
-        bare_loop(model, y, grads, lo, hi, iterations)
-        bare.append((time.perf_counter() - t) / iterations)
-    m_ours, m_bare = statistics.median(ours), statistics.median(bare)
+    m_ours, m_bare = interleaved_medians(
+        [lambda: attack.reconstruct(update, model, know), lambda: bare_loop(model, y, grads, lo, hi, iterations)],
+        repeats, iterations)
     return {"geiping_ms_per_iter": 1e3 * m_ours, "bare_ms_per_iter": 1e3 * m_bare, "overhead_ratio": m_ours / m_bare}
 
 
@@ -138,23 +144,15 @@ def photos_restarts(repeats: int, iterations: int, restarts: int, threads: int) 
     know = Knowledge(space=data.space, batch_size=1, labels=y)
     update = SharedUpdate(grads, [n for n, _ in model.named_parameters()])
     attack = Geiping(iterations=iterations, restarts=restarts)
-    ours, bare, seq = [], [], []
-    for r in range(repeats):  # interleaved, so all three see the same machine load
-        torch.manual_seed(r)
-        t = time.perf_counter()
-        attack.reconstruct(update, model, know)
-        ours.append((time.perf_counter() - t) / iterations)
-        torch.manual_seed(r)
-        t = time.perf_counter()
-        bare_stacked_loop(model, y, grads, lo, hi, iterations, restarts)
-        bare.append((time.perf_counter() - t) / iterations)
-        torch.manual_seed(r)
-        t = time.perf_counter()
+
+    def sequential() -> None:
         for _ in range(restarts):
             bare_loop(model, y, grads, lo, hi, iterations)
-        seq.append((time.perf_counter() - t) / iterations)
+
+    m_ours, m_bare, m_seq = interleaved_medians(
+        [lambda: attack.reconstruct(update, model, know),
+         lambda: bare_stacked_loop(model, y, grads, lo, hi, iterations, restarts), sequential], repeats, iterations)
     torch.set_num_threads(previous)
-    m_ours, m_bare, m_seq = statistics.median(ours), statistics.median(bare), statistics.median(seq)
     return {"photos_restarts": restarts, "photos_threads": threads,
             "photos_geiping_ms_per_iter": 1e3 * m_ours, "photos_bare_stacked_ms_per_iter": 1e3 * m_bare,
             "photos_bare_sequential_ms_per_iter": 1e3 * m_seq, "photos_overhead_ratio": m_ours / m_bare,
