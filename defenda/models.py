@@ -103,12 +103,12 @@ class ConvNet(nn.Module):
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 16, norm: str = "group",
                  head: Sequence[int] = ()) -> None:
         super().__init__()
-        plan = [(in_channels, width), (width, 2 * width), (2 * width, 2 * width), (2 * width, 4 * width),
+        plan: list[tuple[int, int] | str] = [(in_channels, width), (width, 2 * width), (2 * width, 2 * width), (2 * width, 4 * width),
                 (4 * width, 4 * width), (4 * width, 4 * width), "pool", (4 * width, 4 * width),
                 (4 * width, 4 * width), "pool"]
         layers: list[nn.Module] = []
         for step in plan:
-            if step == "pool":
+            if isinstance(step, str):  # "pool"
                 layers.append(nn.MaxPool2d(3))
                 continue
             cin, cout = step
