@@ -41,9 +41,8 @@ import torch
 from defenda import Knowledge
 from defenda.data import load_digits_task
 from defenda.federation import GradientHistory
-from defenda.federation.client import compute_update
-from defenda.metrics import apply_matching, psnr
 from defenda.models import SmallCNN
+from defenda.testing.trials import harness_trial
 from defenda_attacks.geiping import Geiping
 from defenda_attacks.gias import GIAS
 from defenda_attacks.giml import GIML
@@ -53,24 +52,12 @@ BUDGET = 1000
 
 
 def trial(data: Any, attack: Any, seed: int, batch: int, cache: str, prune: float = 0.0) -> tuple[float, float]:
-    """(batch PSNR, attack seconds) of one harness-style trial."""
-    torch.manual_seed(seed)
-    model = SmallCNN(1, 8, 10)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    idx = torch.randperm(len(data.train[0]), generator=gen)[:batch]
-    x, y = data.train[0][idx], data.train[1][idx]
-    update = compute_update(model, x, y)
-    if prune:
-        update = Prune(fraction=prune).transform(update, gen)
-    model.eval()
-    know = Knowledge(space=data.space, batch_size=batch, labels=y, public=data.public,
-                     history=GradientHistory(*data.public, lr=0.1), seed=seed, cache_dir=cache)
-    torch.manual_seed(seed + 1)
-    t0 = time.perf_counter()
-    rec = attack.reconstruct(update, model, know)
-    seconds = time.perf_counter() - t0
-    xm, _, rm = apply_matching(x, y, rec, data=data)
-    return psnr(data.to_unit(xm), data.to_unit(rm.inputs)), seconds
+    """(batch PSNR, attack seconds) of one harness-style trial on the digits SmallCNN."""
+    out = harness_trial(data, lambda: SmallCNN(1, 8, 10), attack, seed=seed, batch=batch,
+                        knowledge={"public": data.public, "history": GradientHistory(*data.public, lr=0.1),
+                                   "cache_dir": cache},
+                        transform=Prune(fraction=prune).transform if prune else None)
+    return out.psnr, out.seconds
 
 
 def compare(data: Any, attacks: dict[str, Any], seeds: list[int], batch: int, cache: str,

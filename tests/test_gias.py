@@ -1,6 +1,6 @@
 """GIAS and GIML (Jeon et al. 2021): generators, the cached prior, the searches, GIML's meta-learning,
-and the headline orderings on digits (GIAS > Geiping at B = 16, latent-only < GIAS, the same under
-90% pruning at B = 4, a GIML generator > an untrained one).
+and the headline orderings on digits (GIAS ≈ Geiping > latent-only at B = 16, GIAS > Geiping and > latent-only
+under 90% pruning at B = 4, a GIML generator > an untrained one).
 
 The quality tests are the small versions (3 seeds, fewer iterations) of
 ``benchmarks/bench_gias.py``, which holds the 10-seed numbers quoted in the README.
@@ -20,8 +20,8 @@ from defenda import Knowledge, SharedUpdate
 from defenda.data import load_digits_task
 from defenda.federation import GradientHistory
 from defenda.federation.client import compute_update
-from defenda.metrics import apply_matching, psnr
 from defenda.models import SmallCNN
+from defenda.testing.trials import harness_trial
 from defenda_attacks._generators import (
     CheckpointError,
     DCGANGenerator,
@@ -68,19 +68,10 @@ def _prune(update: SharedUpdate, fraction: float) -> SharedUpdate:
 
 def _trial(data, attack, seed: int, batch: int, cache_dir: str | None, prune: float = 0.0) -> float:
     """One trial as the harness runs it (seeded model and batch, seed + 1 before the attack); batch PSNR."""
-    torch.manual_seed(seed)
-    model = SmallCNN(1, 8, 10)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    idx = torch.randperm(len(data.train[0]), generator=gen)[:batch]
-    x, y = data.train[0][idx], data.train[1][idx]
-    update = compute_update(model, x, y)
-    if prune:
-        update = _prune(update, prune)
-    model.eval()
-    torch.manual_seed(seed + 1)
-    rec = attack.reconstruct(update, model, _knowledge(data, y, cache_dir))
-    xm, _, rm = apply_matching(x, y, rec, data=data)
-    return psnr(data.to_unit(xm), data.to_unit(rm.inputs))
+    return harness_trial(data, lambda: SmallCNN(1, 8, 10), attack, seed=seed, batch=batch,
+                         knowledge={"public": data.public, "history": GradientHistory(*data.public, lr=0.1),
+                                    "seed": 0, "cache_dir": cache_dir},
+                         transform=(lambda u, _gen: _prune(u, prune)) if prune else None).psnr
 
 
 def _median(data, attack, seeds, batch, cache_dir, prune=0.0) -> tuple[float, list[float]]:
@@ -356,11 +347,16 @@ def _three(budget: int = BUDGET) -> dict[str, object]:
 
 
 @pytest.mark.slow
-def test_gias_beats_geiping_and_latent_only_at_batch_16(digits, cache) -> None:
-    """B = 16, no defense, equal budgets: median PSNR GIAS > Geiping and GIAS > latent-only (GI-z)."""
+def test_gias_matches_geiping_and_beats_latent_only_at_batch_16(digits, cache) -> None:
+    """B = 16, no defense, equal budgets: median PSNR GIAS > latent-only (GI-z) + 2 dB, GIAS ≥ Geiping − 1 dB.
+
+    Not "GIAS > Geiping": over 10 seeds that held on one machine (23.8 vs 21.6 dB) and was a
+    tie on another (22.8 vs 22.7; README, GIAS and GIML), the seeds' values moving with the
+    CPU's rounding.
+    """
     res = {name: _median(digits, attack, SEEDS, 16, cache) for name, attack in _three().items()}
-    assert res["gias"][0] > res["geiping"][0], res
-    assert res["gias"][0] > res["latent"][0], res
+    assert res["gias"][0] > res["geiping"][0] - 1.0, res
+    assert res["gias"][0] > res["latent"][0] + 2.0, res
 
 
 @pytest.mark.slow

@@ -35,7 +35,9 @@ Modules
     (the contract checks, on the validators of :mod:`defenda.contracts`, with
     their shared steps in :mod:`~defenda.testing.probes`), :mod:`~defenda.testing.cli`
     (end to end), :mod:`~defenda.testing.fixtures` (the pytest fixtures, imported
-    here so that pytest finds them in this plugin module).
+    here so that pytest finds them in this plugin module), :mod:`~defenda.testing.trials`
+    (:func:`~defenda.testing.trials.harness_trial`: one attack trial seeded as the
+    harness seeds it, outside a study, for quality tests and attack benchmarks).
 """
 
 from __future__ import annotations
