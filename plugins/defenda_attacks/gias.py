@@ -1,9 +1,14 @@
 """GIAS (Jeon et al., NeurIPS 2021): gradient inversion in a generator's latent space, then its weights.
 
 *Prior.* A DCGAN generator (:class:`~defenda_attacks._generators.DCGANGenerator`,
-sized for the task's images) trained by ordinary GAN training on the attacker's
-public split ``knowledge.public`` only (never on the clients' data), with
-DiffAugment translation because that split is small (~180 digits). It is trained
+sized for the task's images) trained on the attacker's public split ``knowledge.public``
+only (never on the clients' data). On small images (``prior = "auto"``: up to 16 px a
+side, the 8×8 digits) by ordinary GAN training, with DiffAugment translation because
+that split is small (~180 digits); on larger ones (the 32×32 RGB ``photos``) as the
+decoder of a VAE (:func:`~defenda_attacks._generators.train_vae_prior`: random crops
+and flips of the ~160 public crops, ~1.5 min on one CPU thread), because a GAN on
+that few photographs does not converge in CPU minutes while the VAE decoder spans
+held-out crops (a latent fit to test crops: ~24 dB). It is trained
 once per (public split, generator settings) and cached as a state_dict in
 ``knowledge.cache_dir/generators/`` (loaded with ``weights_only=True``; without a
 cache directory, in this process only). Training uses its own seeds (``prior_seed``),
@@ -70,6 +75,7 @@ from defenda_attacks._generators import (
     store_generator_state,
     to_model_space,
     train_gan_prior,
+    train_vae_prior,
     training_lock,
 )
 
@@ -330,12 +336,19 @@ class GIAS(GenerativeInversion):
             ``always`` (those, else the non-zero ones) or ``never``.
         local_lr (float | None, None): the client's learning rate for FedAvg deltas
             (None: ``knowledge.lr``, else 0.1).
-        latent_dim (int, 32): generator latent size.
-        width (int, 32): generator width: channels of its last hidden layer (doubling per up-block).
-        prior_steps (int, 1500): GAN training steps of the prior on the public split.
-        prior_batch (int, 64): GAN training batch size.
-        prior_lr (float, 2e-3): Adam step size of the GAN training (both networks).
-        prior_shift (int, 1): DiffAugment: random translation in pixels of real and fake images.
+        latent_dim (int | None, None): generator latent size (None: 32 for the GAN prior, 64 for the VAE).
+        width (int | None, None): generator width: channels of its last hidden layer, doubling per
+            up-block (None: 32 for the GAN prior, 16 for the VAE).
+        prior (str, "auto"): how the generator is trained on the public split: ``gan`` (GAN training),
+            ``vae`` (the decoder of a VAE) or ``auto``: ``gan`` for images up to 16 px a side (the 8×8
+            digits), ``vae`` above (the 32×32 photographs, where a GAN on ~100-160 crops does not
+            converge in CPU minutes).
+        prior_steps (int | None, None): training steps of the prior (None: 1500 GAN, 1000 VAE).
+        prior_batch (int, 64): training batch size of the prior.
+        prior_lr (float, 2e-3): Adam step size of the prior's training (both networks).
+        prior_shift (int | None, None): augmentation in pixels: GAN, DiffAugment translation of real
+            and fake images; VAE, random crops (reflect padding) plus horizontal flips (None: 1 GAN, 4 VAE).
+        prior_beta (float, 1.0): VAE prior: weight of the KL term.
         prior_seed (int, 0): seed of the prior's training (fixed, so a study trains it once).
 
     Shapes:
@@ -361,11 +374,40 @@ class GIAS(GenerativeInversion):
 
     @dataclass(frozen=True)
     class Params(SearchParams):
-        prior_steps: int = param(1500, "GAN training steps of the prior on the public split")
-        prior_batch: int = param(64, "GAN training batch size")
-        prior_lr: float = param(2e-3, "Adam step size of the GAN training (both networks)")
-        prior_shift: int = param(1, "DiffAugment: random translation in pixels of real and fake images")
+        prior: str = param("auto", "how the generator is trained on the public split: a GAN (gan), the decoder "
+                           "of a VAE (vae), or auto: gan for images up to 16 px a side (digits), vae above "
+                           "(photographs, where a GAN on ~100-160 crops does not converge in CPU minutes)",
+                           choices=("auto", "gan", "vae"))
+        # None: per prior kind (resolved()); SearchParams' int fields stay ints for giml
+        latent_dim: int | None = param(  # type: ignore[assignment]
+            None, "generator latent size (None: 32 for the GAN prior, 64 for the VAE)")
+        width: int | None = param(  # type: ignore[assignment]
+            None, "generator width: channels of its last hidden layer, doubling per up-block "
+            "(None: 32 for the GAN prior, 16 for the VAE)")
+        prior_steps: int | None = param(None, "training steps of the prior on the public split "
+                                        "(None: 1500 for the GAN, 1000 for the VAE)")
+        prior_batch: int = param(64, "training batch size of the prior")
+        prior_lr: float = param(2e-3, "Adam step size of the prior's training (both networks)")
+        prior_shift: int | None = param(None, "augmentation: random translation in pixels (GAN: DiffAugment of "
+                                        "real and fake; VAE: random crops, reflect padding, plus flips); "
+                                        "None: 1 (gan), 4 (vae)")
+        prior_beta: float = param(1.0, "VAE prior: weight of the KL term")
         prior_seed: int = param(0, "seed of the prior's training (fixed, so a study trains it once)")
+
+        def prior_kind(self, image_shape: tuple[int, ...]) -> str:
+            if self.prior != "auto":
+                return self.prior
+            return "gan" if max(image_shape[1:]) <= 16 else "vae"
+
+        def resolved(self, kind: str) -> dict[str, int]:
+            """latent_dim, width, steps and shift of the prior, the per-kind defaults filled in."""
+            gan = kind == "gan"
+            return {
+                "latent_dim": self.latent_dim if self.latent_dim is not None else (32 if gan else 64),
+                "width": self.width if self.width is not None else (32 if gan else 16),
+                "steps": self.prior_steps if self.prior_steps is not None else (1500 if gan else 1000),
+                "shift": self.prior_shift if self.prior_shift is not None else (1 if gan else 4),
+            }
 
     def prior(self, model: nn.Module, knowledge: Knowledge) -> tuple[DCGANGenerator, dict[str, Any]]:
         if knowledge.public is None:
@@ -375,13 +417,17 @@ class GIAS(GenerativeInversion):
         unit = (public_x * knowledge.std.cpu() + knowledge.mean.cpu()).clamp(0, 1)
         # everything the trained bits depend on (the data are hashed below): which worker trains it,
         # and when, must not matter (see "Same prior, same bits" in defenda_attacks._generators)
-        settings = {
-            "latent_dim": p.latent_dim, "width": p.width, "steps": p.prior_steps, "batch": p.prior_batch,
-            "lr": p.prior_lr, "shift": p.prior_shift, "seed": p.prior_seed, "version": 2,
+        kind = p.prior_kind(tuple(knowledge.input_shape))
+        r = p.resolved(kind)
+        settings: dict[str, Any] = {
+            "latent_dim": r["latent_dim"], "width": r["width"], "steps": r["steps"], "batch": p.prior_batch,
+            "lr": p.prior_lr, "shift": r["shift"], "seed": p.prior_seed, "version": 2,
             "threads": PRIOR_THREADS, "device": torch.device(knowledge.device).type,
         }
-        key = cache_key("gias-gan", settings, unit)
-        generator = build_generator(knowledge.input_shape, p.latent_dim, p.width)
+        if kind == "vae":
+            settings.update(beta=p.prior_beta, version=1)
+        key = cache_key(f"gias-{kind}", settings, unit)
+        generator = build_generator(knowledge.input_shape, r["latent_dim"], r["width"])
         state = cached_generator_state(key, knowledge.cache_dir)
         cached = state is not None
         if state is None:
@@ -389,10 +435,13 @@ class GIAS(GenerativeInversion):
                 state = cached_generator_state(key, knowledge.cache_dir)  # another worker may have trained it
                 cached = state is not None
                 if state is None:
-                    trained = train_gan_prior(unit, latent_dim=p.latent_dim, width=p.width, steps=p.prior_steps,
-                                              batch_size=p.prior_batch, lr=p.prior_lr, shift=p.prior_shift,
-                                              seed=p.prior_seed, device=knowledge.device)
+                    train = train_gan_prior if kind == "gan" else train_vae_prior
+                    extra: dict[str, Any] = {} if kind == "gan" else {"beta": p.prior_beta}
+                    trained = train(unit, latent_dim=r["latent_dim"], width=r["width"], steps=r["steps"],
+                                    batch_size=p.prior_batch, lr=p.prior_lr, shift=r["shift"], seed=p.prior_seed,
+                                    device=knowledge.device, **extra)
                     state = trained.state_dict()
                     store_generator_state(key, knowledge.cache_dir, state)
         load_generator_state(generator, state, key)
-        return generator.eval(), {"prior": key, "prior_cached": cached, "prior_threads": PRIOR_THREADS}
+        return generator.eval(), {"prior": key, "prior_kind": kind, "prior_cached": cached,
+                                  "prior_threads": PRIOR_THREADS}
