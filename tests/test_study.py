@@ -203,6 +203,7 @@ def test_builtin_studies_are_found_by_name(registry, tmp_path: Path) -> None:
     paper = load_study(resolve_study("paper"), registry)
     assert paper.settings["seeds"] == [0, 1, 2, 3, 4]
     assert [t.name for t in paper.tasks if t.optional] == ["cifar10"]
+    assert {"photos", "faces"} <= {t.name for t in paper.tasks}  # natural images that need no download
     default = load_study(default_study_path(), registry)
     assert len(paper.defenses) > len(default.defenses)  # finer sweeps
     own = tmp_path / "paper"  # a file of that name wins over the built-in
