@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import statistics
+
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -182,6 +184,34 @@ def test_noisy_gradient_returns_approximate_batch(digits, rel_sigma, known_batch
         # small noise: the best approximate batch is still close to the truth
         psnr, *_ = _matched_psnr(xb * std + mean, rec.inputs * std + mean)
         assert float(psnr.median()) > 20
+
+
+def test_noisy_update_refinement_lowers_the_likelihood_objective_and_improves_the_batch():
+    """Gaussian noise std 10⁻³ on the default study's digits MLP (width 256, B = 4, labels recovered): the
+    least-squares refinement from SPEAR's approximate batch lowers ‖g(X̂) − g̃‖² on every seed and lifts
+    the median PSNR by more than 3 dB (measured 13.3 → 21.2 dB on seeds 0–2; Geiping: 49 dB, README)."""
+    from defenda.data import load_digits_task
+    from defenda.models import build_model
+    from defenda.testing.trials import harness_trial
+
+    data = load_digits_task()
+
+    def noisy(update, gen):
+        return update.replace([t + 1e-3 * torch.randn(t.shape, generator=gen) for t in update.tensors])
+
+    def run(attack, seed):
+        return harness_trial(data, lambda: build_model("mlp", (64,), 10, widths=(256,)), attack, seed=seed, batch=4,
+                             knowledge={"labels": None}, transform=noisy)
+
+    before, after = [], []
+    for seed in range(3):
+        plain, refined = run(Spear(refine_iterations=0), seed), run(Spear(), seed)
+        assert "refine_loss" not in plain.info
+        assert refined.info["refine_loss"] < refined.info["refine_loss_start"], refined.info
+        assert refined.info["approximate"] is True
+        before.append(plain.psnr)
+        after.append(refined.psnr)
+    assert statistics.median(after) > statistics.median(before) + 3.0, (before, after)
 
 
 def test_budget_exhausted_returns_what_it_has():

@@ -149,6 +149,10 @@ class SpearParams:
     feature_inversion_lr: float = param(0.05, "Adam learning rate of the feature inversion")
     feature_inversion_tv: float = param(0.1, "total-variation weight of the feature inversion (image prior)")
     features_in_info: bool = param(True, "store recovered CNN features in info['features'] (lists of floats)")
+    refine_iterations: int = param(
+        400, "on a noisy update, Adam steps fitting the batch to the whole update by least squares (0: off)"
+    )
+    refine_lr: float = param(0.1, "Adam learning rate of the least-squares refinement (model-space units)")
 
 
 @dataclass
@@ -162,7 +166,8 @@ class SpearResult:
     :ivar rank: the numerical rank of ``∂L/∂W``.
     :ivar proposals: submatrices tried by the sampling stage.
     :ivar timings: seconds per stage.
-    :ivar approximate: True when the gradient had no exact low-rank structure (noise).
+    :ivar approximate: True when not every sample is exact (a noisy update, or a partial recovery).
+    :ivar noisy: True when the gradient had no exact low-rank structure (noise: nothing can be exact).
     :ivar n_dl_columns: columns of ``G`` the dictionary-learning stage certified (of B − n_peeled).
     :ivar dl_iterations: its subgradient steps, summed over rounds and class patterns (the work done).
     """
@@ -179,6 +184,7 @@ class SpearResult:
     n_sampled: int = 0
     approximate: bool = False
     message: str = ""
+    noisy: bool = False
     n_dl_columns: int = 0
     dl_iterations: int = 0
 
@@ -1210,7 +1216,7 @@ def spear_recover(
         inputs=final.X, grad_z=final.G * prob.scale, exact=final.exact, batch_size=rk.B, rank=rk.rank,
         proposals=sampled.proposals if sampled is not None else 0, seconds=time.perf_counter() - t_start,
         timings=timings, n_peeled=len(peeled.X), n_sampled=sampled.n_sampled if sampled is not None else 0,
-        approximate=approximate or not bool(final.exact.all()), message=message,
+        approximate=approximate or not bool(final.exact.all()), message=message, noisy=not rk.clean,
         n_dl_columns=sampled.n_dl if sampled is not None else 0,
         dl_iterations=sampled.dl_iterations if sampled is not None else 0,
     )

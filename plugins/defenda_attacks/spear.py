@@ -117,7 +117,9 @@ class Spear(Attack):
     :mod:`defenda_attacks._feature_inversion`); a ConvNet at initialisation with GroupNorm
     and max-pooling leaves that inversion under-determined (on ``photos`` it is no better
     than the mean image: the features are exact, the images are not). A noisy update (DP, noise defenses) has no exact structure: the
-    best approximate batch is returned with ``info["approximate"] = True``.
+    search's approximate batch then starts a least-squares fit of the whole update (the
+    maximum-likelihood batch under Gaussian noise, ``refine_iterations`` Adam steps), returned with
+    ``info["approximate"] = True``.
 
     Arguments:
         max_proposals (int, 500_000): most (B−1)-row submatrices the sampling stage tries: the search's
@@ -154,13 +156,19 @@ class Spear(Attack):
         feature_inversion_lr (float, 0.05): Adam learning rate of the feature inversion.
         feature_inversion_tv (float, 0.1): total-variation weight of the feature inversion (image prior).
         features_in_info (bool, True): store recovered CNN features in ``info["features"]`` (lists of floats).
+        refine_iterations (int, 400): on a noisy update (no exact structure), Adam steps moving the
+            assembled batch to the least-squares fit of the whole update (the maximum-likelihood
+            batch under Gaussian noise; ``spear-scale.md`` §4); 0: off. A clean update is left as
+            the search found it (its exact samples are certified; a partial one reports which).
+        refine_lr (float, 0.1): Adam learning rate of that refinement (model-space units).
 
     Shapes:
         update: one tensor per model parameter, the layer's ``weight`` ``(m, n)`` and ``bias`` ``(m,)``
         among them; returns ``inputs`` ``(B̂, *input_shape)``, ``labels`` ``(B̂,)``; ``info`` keys
         ``n_exact_estimate``, ``batch_size_estimate``, ``proposals_tried``, ``seconds``, ``rank``,
         ``n_peeled``, ``n_sampled``, ``n_dl_columns``, ``dl_iterations``, ``exact_indices``, ``approximate``, ``layer``, ``timings``, ``non_finite``, and when
-        they apply ``message``, ``labels_error``, ``features`` ``(B̂, n)``, ``feature_inversion_loss`` and ``feature_similarity`` (per sample,
+        they apply ``message``, ``labels_error``, ``refine_iterations``, ``refine_loss_start`` and ``refine_loss`` (the
+        least-squares objective before and after the refinement) or ``refine`` (why it was skipped), ``features`` ``(B̂, n)``, ``feature_inversion_loss`` and ``feature_similarity`` (per sample,
         the cosine similarity between the features of the returned image and the recovered features:
         the fit of the inversion; the recovered features themselves are certified exact per sample,
         ``exact_indices``).
@@ -225,9 +233,68 @@ class Spear(Attack):
         # blank (mean) guess, scored as such, rather than NaNs the harness must reject.
         info["non_finite"] = int((~torch.isfinite(inputs)).sum())
         inputs = torch.nan_to_num(inputs.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        if layer.is_first and res.noisy and Bh > 0 and p.refine_iterations > 0:
+            inputs = self._refine(model, update, knowledge, inputs, res.exact, labels, info)
         return Reconstruction(inputs=inputs, labels=labels, info=info)
 
     # ------------------------------------------------------------------------------------------
+    def _refine(self, model: nn.Module, update: SharedUpdate, knowledge: Knowledge, x0: torch.Tensor,
+                exact: torch.Tensor, labels: torch.Tensor | None, info: dict[str, Any]) -> torch.Tensor:
+        """The best approximate batch: the non-exact samples moved to minimise ‖g(X, y) − g̃‖² over
+        every tensor of the update (:func:`~defenda.inversion.predicted_update`; masked where the
+        defense declared kept coordinates), exact samples held fixed.
+
+        Under Gaussian noise of one std on every coordinate this is the maximum-likelihood batch
+        (``spear-scale.md`` §4, "best approximate batch"): SPEAR's assembly only starts it. The
+        budget is ``refine_iterations`` Adam steps (work, not seconds); the returned batch is the
+        one with the lowest objective met, so the refinement never makes the fit worse.
+        """
+        from defenda.inversion import clamp_box, matching_loss, multistep_schedule, predicted_update, update_masks
+
+        p = self.params
+        if labels is None and knowledge.labels is not None and len(knowledge.labels) == x0.shape[0]:
+            labels = torch.as_tensor(knowledge.labels).long()
+        if labels is None:
+            info["refine"] = "skipped: no labels for the candidate batch"
+            return x0
+        was_training = model.training
+        model.eval()
+        observed = [t.detach().to(x0) for t in update.tensors]
+        distance = matching_loss(observed, masks=update_masks("auto", update, observed), cost="l2")
+        y = labels.to(x0.device)
+        box = knowledge.box  # the image box, else (tabular) the same |x| <= approx_bound as the guesses
+        if box is None and p.approx_bound > 0:
+            box = (torch.tensor(-p.approx_bound), torch.tensor(p.approx_bound))
+        box = None if box is None else (box[0].to(x0), box[1].to(x0))
+        free = (~exact.to(x0.device)).reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+
+        def objective(x: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
+            return distance(predicted_update(model, x, y, update, lr=knowledge.lr, create_graph=create_graph))
+
+        x = x0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=p.refine_lr)
+        sched = multistep_schedule(opt, p.refine_iterations)
+        start = best_loss = float(objective(x0, create_graph=False).detach())
+        best = x0
+        try:
+            for _ in range(p.refine_iterations):
+                loss = objective(x)
+                (grad,) = torch.autograd.grad(loss, x)
+                value = float(loss.detach())  # the loss of the iterate before this step
+                if value < best_loss:
+                    best_loss, best = value, x.detach().clone()
+                x.grad = grad * free
+                opt.step()
+                sched.step()
+                clamp_box(x, box)
+            final = float(objective(x.detach(), create_graph=False).detach())
+            if final < best_loss:
+                best_loss, best = final, x.detach().clone()
+        finally:
+            model.train(was_training)
+        info.update(refine_iterations=p.refine_iterations, refine_loss_start=start, refine_loss=best_loss)
+        return best
+
     def _invert_features(self, model: nn.Module, layer_name: str, feats: torch.Tensor, knowledge: Knowledge,
                          info: dict[str, Any]) -> torch.Tensor:
         """Images whose features at the input of layer ``layer_name`` match ``feats``
