@@ -8,6 +8,7 @@ not given to the attack, batch size given. Data:
 * ``digits28``: sklearn digits, each under a random affine map (±15°, scale 0.9–1.1, ±2 px) to
   28×28 bilinear, clipped to [0, 1] (d = 784; full rank up to B ≈ 700 unlike 8×8 digits);
 * ``gaussian``: iid N(0.5, 0.2²) pixels clipped to [0, 1], d = 3072 (the easy control).
+* ``digits``: the 8×8 sklearn digits as they are (d = 64, rank ≤ 57: B ≤ 48; the default study's data).
 
 Per cell: exact batches (every sample > 100 dB in [0, 1] units after Hungarian matching),
 exact samples, median seconds (wall time; the machine is shared: read medians, not minima),
@@ -19,7 +20,7 @@ masks) and firing-rate quantiles. ``limit`` labels a failing cell: ``information
     python benchmarks/bench_spear_scale.py                               # reduced grid
     python benchmarks/bench_spear_scale.py --data photos digits28 gaussian --widths 1000 2000 4000 \\
         --batch-sizes 16 32 64 128 256 --repeats 3                        # the full grid
-    python benchmarks/bench_spear_scale.py --noise 1e-3 --data digits28 --batch-sizes 8 --geiping
+    python benchmarks/bench_spear_scale.py --noise 1e-3 --data digits digits28 --batch-sizes 4 8 16 --widths 1000 --geiping
 """
 
 from __future__ import annotations
@@ -93,7 +94,16 @@ def gaussian(B: int, seed: int, d: int = 3072) -> torch.Tensor:
     return (0.5 + 0.2 * torch.randn(B, d, generator=g, dtype=torch.float64)).clamp(0, 1)
 
 
-DATA = {"photos": photo_crops, "digits28": digits28, "gaussian": gaussian}
+def digits8(B: int, seed: int) -> torch.Tensor:
+    """B sklearn digits as they are, 8×8 in [0, 1] (d = 64: rank ≤ 57, so B ≤ 48 only)."""
+    from sklearn.datasets import load_digits
+
+    imgs = load_digits().images.reshape(-1, 64) / 16.0
+    idx = np.random.default_rng(seed).choice(len(imgs), size=B, replace=False)
+    return torch.tensor(imgs[idx], dtype=torch.float64)
+
+
+DATA = {"photos": photo_crops, "digits28": digits28, "digits": digits8, "gaussian": gaussian}
 MEAN, STD = 0.45, 0.25  # one normalisation for all sets (a user's standardisation)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-
 import statistics
 
 import pytest
@@ -158,6 +157,30 @@ def test_fedavg_delta_one_step(digits):
     assert (psnr > 100).all()
 
 
+def test_fedavg_delta_of_several_local_steps_is_recovered_approximately():
+    """5 full-batch local steps on the same 8 digits (MLP width 256): rank 8 but no exactly sparse
+    columns, so the attack takes the approximate route and says so; measured 63.7 dB median (seeds 0–2;
+    the exact search alone: 13.2 dB)."""
+    from defenda.data import load_digits_task
+    from defenda.metrics import apply_matching, psnr
+    from defenda.models import build_model
+
+    data = load_digits_task()
+    values = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = build_model("mlp", (64,), 10, widths=(256,))
+        idx = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(10_000 + seed))[:8]
+        x, y = data.train[0][idx], data.train[1][idx]
+        update = compute_update(model, x, y, RoundSettings(kind="delta", local_steps=5, lr=0.1))
+        rec = Spear().reconstruct(update, model, Knowledge(space=data.space, batch_size=8, seed=seed, lr=0.1))
+        assert rec.info["approximate"] is True and "local steps" in rec.info["message"]
+        assert rec.info["refine_loss"] <= rec.info["refine_loss_start"]  # refined (never worse than its start)
+        xm, _, matched = apply_matching(x, y, rec, data=data)
+        values.append(psnr(data.to_unit(xm), data.to_unit(matched.inputs)))
+    assert statistics.median(values) > 40, values
+
+
 # ---------------------------------------------------------------------------------------- robustness
 
 
@@ -186,13 +209,15 @@ def test_noisy_gradient_returns_approximate_batch(digits, rel_sigma, known_batch
         assert float(psnr.median()) > 20
 
 
-def test_noisy_update_refinement_lowers_the_likelihood_objective_and_improves_the_batch():
-    """Gaussian noise std 10⁻³ on the default study's digits MLP (width 256, B = 4, labels recovered): the
-    least-squares refinement from SPEAR's approximate batch lowers ‖g(X̂) − g̃‖² on every seed and lifts
-    the median PSNR by more than 3 dB (measured 13.3 → 21.2 dB on seeds 0–2; Geiping: 49 dB, README)."""
+def test_noisy_update_best_fit_beats_geiping_at_the_same_batch_size():
+    """Gaussian noise std 10⁻³ on the default study's digits MLP (width 256, B = 4, labels recovered):
+    the sparsest-directions batch, then the least-squares refinement, which lowers ‖g(X̂) − g̃‖² on every
+    seed, lifts the median PSNR by > 3 dB, and beats Geiping's at the same B (measured on seeds 0–4:
+    42.8 → 54.0 dB, Geiping 49.3; ``benchmarks/bench_spear_scale.py --noise 1e-3 --geiping``)."""
     from defenda.data import load_digits_task
     from defenda.models import build_model
     from defenda.testing.trials import harness_trial
+    from defenda_attacks.geiping import Geiping
 
     data = load_digits_task()
 
@@ -203,15 +228,17 @@ def test_noisy_update_refinement_lowers_the_likelihood_objective_and_improves_th
         return harness_trial(data, lambda: build_model("mlp", (64,), 10, widths=(256,)), attack, seed=seed, batch=4,
                              knowledge={"labels": None}, transform=noisy)
 
-    before, after = [], []
+    before, after, geiping = [], [], []
     for seed in range(3):
         plain, refined = run(Spear(refine_iterations=0), seed), run(Spear(), seed)
         assert "refine_loss" not in plain.info
         assert refined.info["refine_loss"] < refined.info["refine_loss_start"], refined.info
-        assert refined.info["approximate"] is True
+        assert refined.info["approximate"] is True and refined.info["n_exact_estimate"] == 0
         before.append(plain.psnr)
         after.append(refined.psnr)
+        geiping.append(run(Geiping(), seed).psnr)
     assert statistics.median(after) > statistics.median(before) + 3.0, (before, after)
+    assert statistics.median(after) > statistics.median(geiping), (after, geiping)
 
 
 def test_budget_exhausted_returns_what_it_has():

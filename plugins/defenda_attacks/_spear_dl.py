@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["DLColumns", "DLConfig", "class_sign_patterns", "dl_columns"]
+__all__ = ["DLColumns", "DLConfig", "approximate_columns", "class_sign_patterns", "dl_columns"]
 
 # Iterates closer than this (|cos|) are one basin: merged at every pruning step.
 _MERGE_COS = 0.999
@@ -100,6 +100,39 @@ def dl_columns(L: torch.Tensor, zero_tol: float, tau: int, signs: torch.Tensor |
         if found.q.shape[0] >= want:
             break
     return found
+
+
+def approximate_columns(L: torch.Tensor, signs: torch.Tensor | None, cfg: DLConfig, gen: torch.Generator,
+                        k: int, max_cos: float = 0.95) -> torch.Tensor:
+    """``k`` unit directions (B'×k) of the sharpest minima of the (sign-corrected) ℓ1 objective, for a noisy ``L``.
+
+    Noise leaves no exact zeros to round or certify (``spear-scale.md`` §4): the subgradient
+    iterates are kept as they are, ranked by their objective (the smallest over the class
+    patterns and the sign of ``q``) and taken greedily, skipping any within ``max_cos`` of one
+    already taken. Ranking by the sign-corrected objective matters on correlated data: plain ℓ1
+    also has minima sparser than the true columns. Fewer than ``k`` when the search finds fewer.
+    """
+    Bp = L.shape[1]
+    pats = signs if signs is not None and signs.numel() else torch.zeros(1, L.shape[0], dtype=torch.float64)
+    Q0 = _starts(L, torch.zeros(0, Bp, dtype=torch.float64), cfg.starts or 2 * Bp + 32, 0, gen)
+    Q = torch.cat([_descend(L, Q0, pats[c], cfg).double() for c in range(pats.shape[0])], 1)
+    Q = Q / Q.norm(dim=0, keepdim=True).clamp_min(1e-300)
+    V = L @ Q
+    objective = torch.stack([torch.minimum(_objective(V, pats[c], cfg.rho), _objective(-V, pats[c], cfg.rho))
+                             for c in range(pats.shape[0])]).min(0).values
+    chosen: list[int] = []
+    for i in torch.argsort(objective).tolist():
+        if all(abs(float(Q[:, i] @ Q[:, j])) < max_cos for j in chosen):
+            chosen.append(i)
+            if len(chosen) == k:
+                break
+    return Q[:, chosen]
+
+
+def _objective(V: torch.Tensor, s: torch.Tensor, rho: float) -> torch.Tensor:
+    """Per column of ``V = L Q``, :func:`_descend`'s objective: |v| where s = 0, s·v where signs agree, −rho·s·v not."""
+    s = s.to(V.dtype)[:, None]
+    return torch.where(s == 0, V.abs(), torch.where(s * V >= 0, s * V, -rho * s * V)).sum(0)
 
 
 def _starts(L: torch.Tensor, known: torch.Tensor, C: int, round_: int, gen: torch.Generator) -> torch.Tensor:

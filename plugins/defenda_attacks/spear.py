@@ -210,8 +210,12 @@ class Spear(Attack):
         db = _update_tensor(update, model, f"{layer.name}.bias")
         lin = layer.module
         signs = _class_signs(model, layer, knowledge) if p.dictionary_learning else None
+        # a FedAvg delta of several full-batch steps has rank B but no exactly sparse columns (each sums
+        # the sample's gradients along the run); epochs of mini-batches keep the exact search, which is
+        # exact for one epoch (each sample seen once) and measured better than this route for two
+        inexact = update.kind == "delta" and update.local_epochs == 0 and update.local_steps > 1
         res = spear_recover(dW, db, lin.weight, lin.bias, batch_size=knowledge.batch_size, params=p,
-                            seed=knowledge.seed, class_signs=signs)
+                            seed=knowledge.seed, class_signs=signs, inexact=inexact)
         dtype = lin.weight.dtype
         device = lin.weight.device
         Bh = res.inputs.shape[0]
