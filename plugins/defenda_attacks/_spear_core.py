@@ -140,6 +140,9 @@ class SpearParams:
         32, "largest residual batch B' the sampling stage is tried on (its success rate falls like 2^-B')"
     )
     approx_max_proposals: int = param(20_000, "proposal budget when the update is noisy (no exact structure)")
+    approx_rho: float = param(
+        3.0, "wrong-class-sign penalty of the noisy update's direction search (softer than dl_rho: noise blurs signs)"
+    )
     approx_bound: float = param(
         10.0, "without an input box, non-exact samples are clipped to |x| <= this (model space: feature SDs)"
     )
@@ -1155,7 +1158,7 @@ def _noisy_batch(prob: _Problem, full: _Full, params: SpearParams, gen: torch.Ge
     """
     if full.B < 2:
         return None
-    cfg = DLConfig(iterations=params.dl_iterations, starts=params.dl_starts, rho=params.dl_rho)
+    cfg = DLConfig(iterations=params.dl_iterations, starts=params.dl_starts, rho=params.approx_rho)
     Q = approximate_columns(full.U, signs, cfg, gen, full.B)
     if Q.shape[1] < full.B:
         return None

@@ -147,7 +147,12 @@ class Spear(Attack):
             sampling is cheap).
         sample_max_batch (int, 32): largest residual batch B′ the sampling stage is tried on (a proposal
             succeeds with probability about B′·2^−(B′−1), so beyond it sampling only burns its budget).
-        approx_max_proposals (int, 20_000): proposal budget when the update is noisy.
+        approx_max_proposals (int, 20_000): proposal budget of the search when the update is noisy
+            and the direction search below finds too few directions.
+        approx_rho (float, 3.0): wrong-class-sign penalty of the noisy update's direction search
+            (the B sharpest minima of the sign-corrected ℓ1 objective, no rounding: nothing is exact);
+            softer than ``dl_rho`` because noise blurs the signs (8×8 digits, B = 8, noise std 10⁻³:
+            34.7 dB at 3, 11.5 dB at 10, before the refinement).
         approx_bound (float, 10.0): without an input box (tabular), non-exact samples are clipped to
             ``|x| ≤ approx_bound`` in model space (standard deviations of a standardised feature).
         layer (str, ""): name of the Linear layer to attack (empty: the first Linear followed by ReLU).
