@@ -189,7 +189,9 @@ def test_the_default_study_runs_every_builtin_attack_and_defense(registry) -> No
                for kind in ("attack", "defense")}
     assert {a.name for a in study.attacks} == builtin["attack"]
     assert {d.name for d in study.defenses if "+" not in d.name} == builtin["defense"]
-    assert {t.name for t in study.tasks} == {"digits", "breast-cancer"}
+    assert {t.name for t in study.tasks} == {"digits", "breast-cancer", "photos"}
+    photos = next(t for t in study.tasks if t.name == "photos")  # natural images, at a smaller size
+    assert photos.scope is not None and photos.scope.seeds == (0,) and "geiping" in photos.scope.attacks
     # a real federation: >= 10 non-IID clients, attacks at the first and the last round
     fs = study.federations[0]
     assert fs.clients >= 10 and fs.partition != "iid" and fs.observed_rounds == (0, fs.rounds - 1)
