@@ -24,7 +24,11 @@ def test_default_study_parses(registry) -> None:
     trials = study.trials()
     n_def = sum(1 for _ in study.defenses)
     rounds = len(study.federations[0].observed_rounds)  # a real federation: every attack at each attack round
-    assert len(trials) == len(study.tasks) * len(study.attacks) * n_def * rounds * len(study.settings["seeds"])
+    full = [t for t in study.tasks if t.scope is None]
+    # photos joins at a smaller size: Geiping, no defense and gaussian-noise (3 strengths), seed 0
+    scoped = 1 * (1 + 3) * rounds * 1
+    assert len(trials) == len(full) * len(study.attacks) * n_def * rounds * len(study.settings["seeds"]) + scoped
+    assert sum(t.task == "photos" for t in trials) == scoped
     assert len({t.key for t in trials}) == len(trials)
     single = load_study(builtin_studies()["single-client"], registry)  # the 0.1 protocol, kept
     assert single.federations is None
