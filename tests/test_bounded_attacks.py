@@ -107,7 +107,7 @@ def test_stein_is_bitwise_deterministic(cancer: tuple[Any, TaskData]) -> None:
 
 
 def _random_batch_24() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Uncorrelated inputs at B = 24: peeling finds little and the search runs out of its budget."""
+    """Uncorrelated inputs at B = 24: peeling finds little; the sampler alone runs out of its budget."""
     torch.manual_seed(0)
     model = MLP(64, 10, (1000,)).double()
     xb = torch.randn(24, 64, dtype=torch.float64)
@@ -119,12 +119,19 @@ def _random_batch_24() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
 
 def test_spear_budget_is_counted_in_work_and_deterministic() -> None:
     dW, db, W, b = _random_batch_24()
-    params = SpearParams(max_proposals=30_000, chunk_size=1024)
+    # Without the dictionary-learning stage the sampler faces B' = 24 and its budget binds.
+    params = SpearParams(max_proposals=30_000, chunk_size=1024, dictionary_learning=False)
     runs = [spear_recover(dW, db, W, b, batch_size=24, params=params, seed=1) for _ in range(2)]
     assert runs[0].proposals == runs[1].proposals == 30_000
     assert "proposal budget" in runs[0].message
     assert torch.equal(runs[0].inputs, runs[1].inputs) and torch.equal(runs[0].exact, runs[1].exact)
     assert SpearParams().time_budget_s == 0 and SpearParams().max_proposals == DEFAULT_MAX_PROPOSALS
+
+
+def test_spear_dictionary_learning_recovers_the_batch_the_sampler_cannot() -> None:
+    dW, db, W, b = _random_batch_24()
+    res = spear_recover(dW, db, W, b, batch_size=24, params=SpearParams(max_proposals=30_000), seed=1)
+    assert bool(res.exact.all()) and res.n_dl_columns >= 16 and res.proposals < 30_000
 
 
 def test_spear_noisy_fallback_is_deterministic(cancer: tuple[Any, TaskData]) -> None:
