@@ -1,14 +1,14 @@
 """Geiping (Inverting Gradients) on the ``photos`` task: 32×32 RGB crops, fresh victims, FedSGD.
 
-For each victim (``convnet`` width 16 GroupNorm, ``resnet18`` GroupNorm at ``--resnet-width``,
-``lenet``) × batch size × seed: a fresh model (``torch.manual_seed(seed)``), a batch of training
+For each victim (``cnn`` the small CNN, ``convnet`` width 16 GroupNorm, ``resnet18`` GroupNorm at
+``--resnet-width``, ``lenet``) × batch size × seed: a fresh model (``torch.manual_seed(seed)``), a batch of training
 crops drawn with the same seed, its gradient, and ``defenda.reconstruct("geiping", ...)`` with the
 attack's defaults (labels recovered, not granted) unless ``--iterations`` / ``--restarts`` /
 ``--lr`` / ``--tv`` are given. Reconstructions are matched to the batch one-to-one (Hungarian on
 MSE) and scored in unit space: PSNR (MAX = 1) and SSIM (``skimage.metrics.structural_similarity``,
 ``channel_axis=0``, ``data_range=1``). Prints one Markdown table of medians over the seeds.
 
-Run: ``.venv/bin/python benchmarks/bench_geiping_photos.py [--models convnet,resnet18,lenet]
+Run: ``.venv/bin/python benchmarks/bench_geiping_photos.py [--models cnn,convnet,resnet18,lenet]
 [--batches 1,4,8] [--seeds 5] [--threads 2]``
 """
 
@@ -57,7 +57,7 @@ def trial(data: Any, arch: str, batch: int, seed: int, resnet_width: int, params
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", default="convnet,resnet18,lenet")
+    ap.add_argument("--models", default="cnn,convnet,resnet18,lenet")
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
