@@ -1,7 +1,8 @@
-"""GIAS / GIML vs Geiping on ``photos`` (32×32 RGB crops of ten photographs) at the same iteration budget.
+"""GIAS / GIML vs Geiping on ``photos`` (32×32 RGB crops of ten photographs) or ``faces`` (25×25
+grayscale LFW crops, ``--data faces``) at the same iteration budget.
 
 For each victim × batch size × attack × seed, one harness-style trial: ``torch.manual_seed(seed)``
-before the fresh victim (``build_model(victim, (3, 32, 32), 10)``), the batch drawn with
+before the fresh victim (``build_model(victim, input_shape, classes)``), the batch drawn with
 ``Generator(10_000 + seed)`` from the train split, its FedSGD gradient (``compute_update``),
 ``torch.manual_seed(seed + 1)`` before the attack; labels and batch size known, public split
 granted (``public_fraction``, default 0.2: 162 crops). Reconstructions are matched one-to-one
@@ -24,7 +25,7 @@ column is the attack alone). Prints one Markdown table of medians over the seeds
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_gias_photos.py [--victims convnet] [--batches 4,8] [--seeds 5]
+    .venv/bin/python benchmarks/bench_gias_photos.py [--data photos] [--victims convnet] [--batches 4,8] [--seeds 5]
         [--budget 400] [--attacks geiping,gias] [--threads 1] [--public-fraction 0.2] [--cache DIR]
         [--set gias:key=value ...] [--json FILE]
 """
@@ -44,7 +45,7 @@ from typing import Any
 import torch
 
 from defenda import Knowledge
-from defenda.data import load_photos_task
+from defenda.data import load_faces_task, load_photos_task
 from defenda.federation import GradientHistory
 from defenda.models import build_model
 from defenda.testing.trials import harness_trial
@@ -55,7 +56,8 @@ from defenda_attacks.giml import GIML
 
 def trial(data: Any, victim: str, attack: Any, seed: int, batch: int, cache: str) -> dict[str, float]:
     """PSNR, SSIM and attack seconds of one harness-style trial."""
-    out = harness_trial(data, lambda: build_model(victim, (3, 32, 32), data.num_classes), attack, seed=seed,
+    shape = tuple(data.public[0].shape[1:])
+    out = harness_trial(data, lambda: build_model(victim, shape, data.num_classes), attack, seed=seed,
                         batch=batch, knowledge={"public": data.public, "cache_dir": cache,
                                                 "history": GradientHistory(*data.public, lr=0.1)})
     return {"psnr": out.psnr, "ssim": out.ssim, "s": out.seconds}
@@ -110,12 +112,13 @@ def prior_seconds(data: Any, attack: Any, victim: str) -> float:
         know = Knowledge(space=data.space, public=data.public, history=GradientHistory(*data.public, lr=0.1),
                          cache_dir=tmp)
         t0 = time.perf_counter()
-        attack.prior(build_model(victim, (3, 32, 32), data.num_classes).eval(), know)
+        attack.prior(build_model(victim, tuple(data.public[0].shape[1:]), data.num_classes).eval(), know)
         return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="photos", choices=("photos", "faces"))
     ap.add_argument("--victims", default="convnet")
     ap.add_argument("--batches", default="4,8")
     ap.add_argument("--seeds", type=int, default=5)
@@ -138,12 +141,13 @@ def main() -> None:
         who, _, kv = item.partition(":")
         key, _, val = kv.partition("=")
         overrides.setdefault(who, {})[key] = _value(val)
-    data = load_photos_task(public_fraction=args.public_fraction)
+    loader = load_faces_task if args.data == "faces" else load_photos_task
+    data = loader(public_fraction=args.public_fraction)
     cache = args.cache or tempfile.mkdtemp(prefix="bench-gias-photos-")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     attacks = attacks_for(data, args.attacks.split(","), args.budget, args.latent, args.giml_rounds, overrides)
     print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}", flush=True)
-    print(f"torch {torch.__version__}, {args.threads} thread(s); public split {len(data.public[1])} crops; "
+    print(f"torch {torch.__version__}, {args.threads} thread(s); {args.data}, public split {len(data.public[1])} crops; "
           f"overrides {overrides or 'none'}\n", flush=True)
     priors: dict[str, str] = {}
     for name, attack in attacks.items():
