@@ -18,8 +18,9 @@ from torch.nn import functional as F
 
 import defenda
 from defenda.data import load_photos_task
+from defenda.errors import ParamError
 from defenda.models import build_model
-from defenda_attacks.geiping import auto_iterations
+from defenda_attacks.geiping import Geiping, auto_iterations
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,8 @@ def test_default_iterations_follow_the_input_size() -> None:
     assert auto_iterations(0, (1, 8, 8)) == 400 and auto_iterations(0, (1, 25, 25)) == 400
     assert auto_iterations(0, (3, 32, 32)) == 2000 and auto_iterations(0, (30,)) == 400
     assert auto_iterations(123, (3, 32, 32)) == 123
+    with pytest.raises(ParamError, match="iterations must be >= 0"):
+        Geiping(iterations=-5)
 
 
 @pytest.mark.slow

@@ -126,6 +126,10 @@ class Geiping(Attack):
             None, "client learning rate for FedAvg deltas (None: knowledge.lr when granted, else 0.1)"
         )
 
+        def __post_init__(self) -> None:
+            if self.iterations < 0:
+                raise ValueError(f"iterations must be >= 0 (0 picks them from the input size), got {self.iterations}")
+
     def reconstruct(self, update: SharedUpdate, model: nn.Module, knowledge: Knowledge) -> Reconstruction:
         device = knowledge.device
         model = on_device(model, device)
