@@ -10,7 +10,8 @@ granted (``public_fraction``, default 0.2: 162 crops). Reconstructions are match
 MAX = 1) and SSIM (``skimage.metrics.structural_similarity``, ``data_range=1``,
 ``channel_axis=0``, Gaussian window, via ``defenda.metrics.ssim``).
 
-Attacks, each with ``--budget`` total optimisation steps (default 400, Geiping's default):
+Attacks, each with ``--budget`` total optimisation steps (default 400: Geiping's default on faces
+and digits; on photos its default is 2,000):
 
 * ``geiping`` — Geiping's defaults with ``iterations = budget``;
 * ``gias`` — GIAS's defaults with ``latent_iterations + iterations = budget`` (the split is
@@ -56,8 +57,7 @@ from defenda_attacks.giml import GIML
 
 def trial(data: Any, victim: str, attack: Any, seed: int, batch: int, cache: str) -> dict[str, float]:
     """PSNR, SSIM and attack seconds of one harness-style trial."""
-    shape = tuple(data.public[0].shape[1:])
-    out = harness_trial(data, lambda: build_model(victim, shape, data.num_classes), attack, seed=seed,
+    out = harness_trial(data, lambda: build_model(victim, data.input_shape, data.num_classes), attack, seed=seed,
                         batch=batch, knowledge={"public": data.public, "cache_dir": cache,
                                                 "history": GradientHistory(*data.public, lr=0.1)})
     return {"psnr": out.psnr, "ssim": out.ssim, "s": out.seconds}
@@ -112,7 +112,7 @@ def prior_seconds(data: Any, attack: Any, victim: str) -> float:
         know = Knowledge(space=data.space, public=data.public, history=GradientHistory(*data.public, lr=0.1),
                          cache_dir=tmp)
         t0 = time.perf_counter()
-        attack.prior(build_model(victim, tuple(data.public[0].shape[1:]), data.num_classes).eval(), know)
+        attack.prior(build_model(victim, data.input_shape, data.num_classes).eval(), know)
         return time.perf_counter() - t0
 
 
