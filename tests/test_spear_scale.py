@@ -117,3 +117,39 @@ def test_partial_recovery_is_reported_honestly(bench):
     exact_claimed = rec.info["n_exact_estimate"]
     assert exact_claimed <= int((psnr > 100).sum())
     assert len(rec.info["exact_indices"]) == exact_claimed
+
+
+def _synthetic_update(n: int, m: int, B: int, seed: int = 0):
+    """A ReLU layer's exact update with independent N(0, 1) values behind the masks."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, dtype=torch.float64, generator=g) / n ** 0.5
+    b = 0.1 * torch.randn(m, dtype=torch.float64, generator=g)
+    X = torch.randn(B, n, dtype=torch.float64, generator=g)
+    G = ((X @ W.T + b) > 0).double() * torch.randn(B, m, dtype=torch.float64, generator=g) / B
+    return G.T @ X, G.sum(0), W, b
+
+
+def test_a_narrow_layer_says_why_the_batch_is_partial():
+    """m = 200 neurons for B = 40 (5 a sample): not recovered, and the message names the width."""
+    from defenda_attacks._spear_core import SpearParams, spear_recover
+
+    res = spear_recover(*_synthetic_update(100, 200, 40), batch_size=40, params=SpearParams(dl_rounds=1))
+    assert not bool(res.exact.all())
+    assert "5.0 a sample, under 16" in res.message and "wider layer" in res.message, res.message
+
+
+def test_fewer_inputs_than_samples_is_information_limited_not_noise():
+    """A 20-input layer cannot separate 32 samples: said so, not blamed on noise."""
+    from defenda_attacks._spear_core import spear_recover
+
+    res = spear_recover(*_synthetic_update(20, 400, 32), batch_size=32)
+    assert "rank ≤ 20 < batch size 32" in res.message and "information-limited" in res.message, res.message
+    assert "noisy" not in res.message
+
+
+def test_digits_b64_is_reported_information_limited(bench):
+    """8×8 digits at B = 64: the batch has rank < 64 (spear-scale.md §0.1); the row says so and
+    claims no more exact samples than are exact."""
+    rec, psnr = _attack(bench, "digits", 64, 1000)
+    assert "< batch size 64" in rec.info["message"] and "information-limited" in rec.info["message"], rec.info["message"]
+    assert rec.info["n_exact_estimate"] <= int((psnr > 100).sum())

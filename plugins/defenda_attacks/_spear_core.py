@@ -706,6 +706,31 @@ def _factorise(dW: torch.Tensor, batch_size: int | None, rank_tol: float) -> _Ra
     return _Rank(U, S, Vh, rank, B, clean)
 
 
+def _too_few_inputs(dW: torch.Tensor, batch_size: int | None) -> str:
+    """The reason when the layer has fewer inputs (or neurons) than samples: its rank cannot reach B,
+    so the spectrum cannot tell an exact update from a noisy one and no batch is identifiable."""
+    if batch_size is None or min(dW.shape) >= batch_size:
+        return ""
+    return (f"∂L/∂W is {dW.shape[0]}×{dW.shape[1]}, rank ≤ {min(dW.shape)} < batch size {batch_size}: the batch is "
+            "not identifiable from this layer (information-limited)")
+
+
+def _limit_hint(batch_size: int | None, rk: _Rank, n_alive: int) -> str:
+    """Why a clean update was not recovered in full, when the layer's shape already says so.
+
+    Rank below B: no low-rank method can separate the samples (information-limited,
+    ``spear-scale.md`` §0.1). Fewer than 16 alive neurons a sample: the ℓ1 search is known to
+    find only part of the columns there (§0.3, measured m ≥ 16·B for full recovery).
+    """
+    if batch_size is not None and rk.B < batch_size:
+        return (f"∂L/∂W has rank {rk.B} < batch size {batch_size}: the batch is not identifiable from this layer "
+                "(information-limited; inputs with more dimensions than samples are needed)")
+    if n_alive < 16 * rk.B:
+        return (f"{n_alive} alive neurons for {rk.B} samples ({n_alive / rk.B:.1f} a sample, under 16): the ℓ1 "
+                "search usually finds only part of the columns; a wider layer or a smaller batch recovers more")
+    return ""
+
+
 def _layer_problem(prob: _Problem, rk: _Rank, zero_tol: float) -> _Full:
     """The rank-B problem with its alive rows and zero tolerance (widened to the noise level when not clean)."""
     alive = (prob.dW.abs().amax(dim=1) > 0) | (prob.db.abs() > 0)
@@ -1231,8 +1256,9 @@ def spear_recover(
             return SpearResult(
                 inputs=noisy.X, grad_z=noisy.G * prob.scale, exact=noisy.exact, batch_size=rk.B, rank=rk.rank,
                 seconds=time.perf_counter() - t_start, timings=timings, approximate=True, noisy=True,
-                message=("several local steps on the same samples: no exactly sparse columns" if rk.clean else
-                         "no exact low-rank structure (noisy update)") + ": approximate batch from the sparsest directions",
+                message=(_too_few_inputs(dW, batch_size) or
+                         ("several local steps on the same samples: no exactly sparse columns" if rk.clean else
+                          "no exact low-rank structure (noisy update)")) + ": approximate batch from the sparsest directions",
                 dl_iterations=p.dl_iterations * (signs.shape[0] if signs is not None and signs.numel() else 1),
             )
 
@@ -1254,7 +1280,9 @@ def spear_recover(
     timings["final"] = time.perf_counter() - t
     message = sampled.message if sampled is not None else ""
     if not rk.clean:
-        message = message or "no exact low-rank structure (noisy update): approximate batch"
+        message = message or (_too_few_inputs(dW, batch_size) or "no exact low-rank structure (noisy update)") + ": approximate batch"
+    elif not bool(final.exact.all()) or (batch_size is not None and rk.B < batch_size):
+        message = "; ".join(m for m in (message, _limit_hint(batch_size, rk, int(full.alive.sum()))) if m)
     approximate = sampled.approximate if sampled is not None else not rk.clean
     return SpearResult(
         inputs=final.X, grad_z=final.G * prob.scale, exact=final.exact, batch_size=rk.B, rank=rk.rank,
