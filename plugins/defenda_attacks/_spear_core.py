@@ -715,17 +715,18 @@ def _too_few_inputs(dW: torch.Tensor, batch_size: int | None) -> str:
             "not identifiable from this layer (information-limited)")
 
 
-def _limit_hint(batch_size: int | None, rk: _Rank, n_alive: int) -> str:
-    """Why a clean update was not recovered in full, when the layer's shape already says so.
+def _limit_hint(batch_size: int | None, rk: _Rank, n_alive: int, all_exact: bool) -> str:
+    """Why a clean update was not recovered in full, when the layer's shape already says so ("" otherwise).
 
     Rank below B: no low-rank method can separate the samples (information-limited,
-    ``spear-scale.md`` §0.1). Fewer than 16 alive neurons a sample: the ℓ1 search is known to
-    find only part of the columns there (§0.3, measured m ≥ 16·B for full recovery).
+    ``spear-scale.md`` §0.1), said even when the rank-B part came out exact. Fewer than 16
+    alive neurons a sample: the ℓ1 search is known to find only part of the columns there
+    (§0.3, measured m ≥ 16·B for full recovery).
     """
     if batch_size is not None and rk.B < batch_size:
         return (f"∂L/∂W has rank {rk.B} < batch size {batch_size}: the batch is not identifiable from this layer "
                 "(information-limited; inputs with more dimensions than samples are needed)")
-    if n_alive < 16 * rk.B:
+    if not all_exact and n_alive < 16 * rk.B:
         return (f"{n_alive} alive neurons for {rk.B} samples ({n_alive / rk.B:.1f} a sample, under 16): the ℓ1 "
                 "search usually finds only part of the columns; a wider layer or a smaller batch recovers more")
     return ""
@@ -1281,8 +1282,9 @@ def spear_recover(
     message = sampled.message if sampled is not None else ""
     if not rk.clean:
         message = message or (_too_few_inputs(dW, batch_size) or "no exact low-rank structure (noisy update)") + ": approximate batch"
-    elif not bool(final.exact.all()) or (batch_size is not None and rk.B < batch_size):
-        message = "; ".join(m for m in (message, _limit_hint(batch_size, rk, int(full.alive.sum()))) if m)
+    else:
+        hint = _limit_hint(batch_size, rk, int(full.alive.sum()), bool(final.exact.all()))
+        message = "; ".join(m for m in (message, hint) if m)
     approximate = sampled.approximate if sampled is not None else not rk.clean
     return SpearResult(
         inputs=final.X, grad_z=final.G * prob.scale, exact=final.exact, batch_size=rk.B, rank=rk.rank,
