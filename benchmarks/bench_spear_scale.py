@@ -169,7 +169,8 @@ def run_one(data: str, width: int, B: int, seed: int, noise: float, attack: str 
     psnr = matched_psnr(x, rec.inputs.double().reshape(rec.inputs.shape[0], -1) * STD + MEAN)
     out = {"seconds": secs, "exact": int((psnr > 100).sum()), "median_psnr": float(psnr.median()),
            "certified": int(rec.info.get("n_exact_estimate", 0)), "dl_columns": int(rec.info.get("n_dl_columns", 0)),
-           "peeled": int(rec.info.get("n_peeled", 0))}
+           "peeled": int(rec.info.get("n_peeled", 0)),
+           "head": int(rec.info.get("n_head", 0))}
     if noise == 0 and attack == "spear":
         out.update(oracles(model, xn, dict(zip(upd.names, upd.tensors))["net.1.weight"].double()))
     return out
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{attack:8s} {data:9s} m={width:5d} B={B:4d}: exact batches {full}/{len(rows)}  "
                           f"exact samples {[r['exact'] for r in rows]}  certified {[r['certified'] for r in rows]}  "
                           f"dl cols {[r['dl_columns'] for r in rows]}  peeled {[r['peeled'] for r in rows]}  "
+                          f"head {[r['head'] for r in rows]}  "
                           f"median PSNR {statistics.median(r['median_psnr'] for r in rows):.1f}  median {med:.1f}s  "
                           f"{orc} {limit}", flush=True)
 

@@ -153,3 +153,65 @@ def test_digits_b64_is_reported_information_limited(bench):
     rec, psnr = _attack(bench, "digits", 64, 1000)
     assert "< batch size 64" in rec.info["message"] and "information-limited" in rec.info["message"], rec.info["message"]
     assert rec.info["n_exact_estimate"] <= int((psnr > 100).sum())
+
+
+def _layer_with_head(B: int, n: int = 60, m: int = 400, K: int = 10, seed: int = 0, head: bool = True):
+    """An exact update of Linear(n, m)→ReLU→Linear(m, K) under softmax cross-entropy: (U, R, W, b, W₂, b₂, X, q)
+    with ∂L/∂W = U R and q the true unit columns of Q (basis of U). ``head=False``: G has the
+    masks but random values (no softmax head behind the layer)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, dtype=torch.float64, generator=g) / n**0.5
+    b = 0.1 * torch.randn(m, dtype=torch.float64, generator=g)
+    W2 = torch.randn(K, m, dtype=torch.float64, generator=g) / m**0.5
+    b2 = 0.1 * torch.randn(K, dtype=torch.float64, generator=g)
+    X = torch.randn(B, n, dtype=torch.float64, generator=g)
+    y = torch.randint(0, K, (B,), generator=g)
+    z = X @ W.T + b
+    e = torch.softmax(torch.relu(z) @ W2.T + b2, 1) - torch.nn.functional.one_hot(y, K).double()
+    vals = e @ W2 if head else torch.randn(B, m, dtype=torch.float64, generator=g)
+    G = (vals * (z > 0)).T / B  # m × B
+    U, S, Vh = torch.linalg.svd(G @ X, full_matrices=False)
+    U, R = U[:, :B], S[:B, None] * Vh[:B]
+    return U, R, W, b, W2, b2, X, _true_q(U, G)
+
+
+@pytest.mark.parametrize("missing", [0, 3, 7])
+def test_head_solves_found_samples_with_up_to_k_minus_3_columns_missing(missing):
+    """K = 10 classes: with 7 of 20 columns unknown, every found sample's input is exact (the bias
+    gradient alone allows 2)."""
+    from defenda_attacks._spear_head import head_inputs, max_missing
+
+    assert max_missing(10) == 7
+    U, R, W, b, W2, b2, X, q = _layer_with_head(20)
+    k = 20 - missing
+    out = head_inputs(q[:, :k].T, U, R, W, b, W2, b2, 1e-8)
+    assert torch.allclose(out, X[:k], rtol=0, atol=1e-8 * float(X.abs().max())), (out - X[:k]).abs().max()
+
+
+def test_head_gives_nothing_beyond_its_equations_or_without_a_softmax_head():
+    """K − 2 columns missing: more unknowns than equations, no candidate; a layer whose G has no
+    softmax structure behind its masks: no candidate (NaN), never a wrong input."""
+    from defenda_attacks._spear_head import head_inputs
+
+    U, R, W, b, W2, b2, X, q = _layer_with_head(20)
+    assert bool(head_inputs(q[:, :12].T, U, R, W, b, W2, b2, 1e-8).isnan().all())
+    U, R, W, b, W2, b2, X, q = _layer_with_head(20, head=False)
+    assert bool(head_inputs(q[:, :17].T, U, R, W, b, W2, b2, 1e-8).isnan().all())
+
+
+def test_photo_crops_b32_completed_through_the_head(bench):
+    """Photos B = 32, seed 1: no neuron singles a sample out and ℓ1 certifies 29 of 32 columns; the
+    softmax head solves those samples' inputs, peeling then finds the rest: exact, and said so."""
+    rec, psnr = _attack(bench, "photos", 32, 2000, seed=1)
+    assert bool((psnr > 100).all()), rec.info
+    assert rec.info["n_head"] >= 20 and rec.info["n_exact_estimate"] == 32
+    off, _ = _attack(bench, "photos", 32, 2000, seed=1, head_completion=False, max_proposals=20_000)
+    assert off.info["n_head"] == 0 and off.info["n_exact_estimate"] < 32
+
+
+@pytest.mark.slow
+def test_photo_crops_b64_exact(bench):
+    """Photos B = 64 at width 2000 (58 of 64 columns from ℓ1, the rest through the head): exact."""
+    rec, psnr = _attack(bench, "photos", 64, 2000, seed=0)
+    assert bool((psnr > 100).all()), rec.info
+    assert rec.info["n_exact_estimate"] == 64

@@ -44,6 +44,14 @@ run in order by :func:`spear_recover`:
    no sampling (``_complete``): with B'−1 columns known the last sample follows
    from the bias gradient; with B'−2 the two missing samples lie on a known line,
    scanned once (``_two_missing``).
+4b. ``_head_complete`` — *head completion* (our own, not in the papers): where the layer feeds a
+   K-class softmax head directly, each found column fixes its sample's label and probability
+   ratios, which are linear equations in its input once the active set is known; with up to
+   K − 3 columns still missing (7 for 10 classes, against 2 above) every found sample's input
+   is solved (:mod:`defenda_attacks._spear_head`), verified exactly and subtracted like a peeled
+   one; peeling then goes on (the samples left are rarely all active on a neuron), and what
+   remains is searched again with the sparsity threshold at its floor (the last samples are
+   the densest: inactive on under 10% of the rows their residual leaves alive).
 5. ``_final_batch``: scale and sign of each column from ``∂L/∂b = L Q 1``; inputs
    ``Xᵀ = Q⁻¹ R``, recomputed in the full basis once every column is known.
 
@@ -74,6 +82,7 @@ import torch
 from defenda import param
 from defenda_attacks._linalg import estimate_rank
 from defenda_attacks._spear_dl import DLConfig, approximate_columns, dl_columns
+from defenda_attacks._spear_head import head_inputs, max_missing
 
 __all__ = ["SpearParams", "SpearResult", "spear_recover", "sparsity_threshold", "verify_inputs"]
 
@@ -136,6 +145,9 @@ class SpearParams:
     dl_min_batch: int = param(
         16, "smallest residual batch B' the dictionary-learning stage runs on (below it sampling is cheap)"
     )
+    head_completion: bool = param(
+        True, "where the layer feeds a softmax head, solve found samples' inputs with up to K-3 columns missing"
+    )
     sample_max_batch: int = param(
         32, "largest residual batch B' the sampling stage is tried on (its success rate falls like 2^-B')"
     )
@@ -173,6 +185,8 @@ class SpearResult:
     :ivar noisy: True when the gradient had no exact low-rank structure (noise: nothing can be exact).
     :ivar n_dl_columns: columns of ``G`` the dictionary-learning stage certified (of B − n_peeled).
     :ivar dl_iterations: its subgradient steps, summed over rounds and class patterns (the work done).
+    :ivar n_head: samples whose inputs the softmax head solved while columns were still missing
+        (:mod:`defenda_attacks._spear_head`); peeling and the search find the rest.
     """
 
     inputs: torch.Tensor
@@ -190,6 +204,7 @@ class SpearResult:
     noisy: bool = False
     n_dl_columns: int = 0
     dl_iterations: int = 0
+    n_head: int = 0
 
     @property
     def n_exact(self) -> int:
@@ -276,6 +291,7 @@ class _Sampled(NamedTuple):
     n_dl: int = 0
     dl_iterations: int = 0
     t_dl: float = 0.0
+    n_head: int = 0
 
 
 class _Final(NamedTuple):
@@ -760,14 +776,19 @@ def _peel(prob: _Problem, full: _Full, clean: bool, params: SpearParams, t_start
     return _Peeled([], [], prob.dW.clone(), prob.db.clone())
 
 
-def _exact_peel(prob: _Problem, full: _Full, t_start: float, budget_s: float) -> _Peeled:
-    """Rounds of: candidates from single-sample rows, exactness test, purification, subtraction."""
+def _exact_peel(prob: _Problem, full: _Full, t_start: float, budget_s: float,
+                start: _Peeled | None = None) -> _Peeled:
+    """Rounds of: candidates from single-sample rows, exactness test, purification, subtraction.
+
+    ``start``: exact samples already found (and subtracted) by another route; peeling goes on from them.
+    """
     dW, db, B, zero_tol = prob.dW, prob.db, full.B, full.zero_tol
-    found_x: list[torch.Tensor] = []
-    found_g: list[torch.Tensor] = []
-    RW, Rb = dW.clone(), db.clone()
-    cand_x: list[torch.Tensor] = []  # each an affine combination of true samples, dominated by one
-    cand_q: list[torch.Tensor] = []  # its exact column of Q (unit, in the basis of full.U)
+    found_x: list[torch.Tensor] = list(start.X) if start else []
+    found_g: list[torch.Tensor] = list(start.G) if start else []
+    RW, Rb = (start.RW, start.Rb) if start else (dW.clone(), db.clone())
+    cand_x: list[torch.Tensor] = list(found_x)  # each an affine combination of true samples, dominated by one
+    # its exact column of Q (unit, in the basis of full.U)
+    cand_q: list[torch.Tensor] = list(full.verify(torch.stack(found_x))[1]) if found_x else []
     rows = full.alive.clone()
     row_ref = dW.norm(dim=1).clamp_min(1e-300)
     while len(cand_x) < B:
@@ -951,22 +972,96 @@ def _search_limits(res: _Residual, params: SpearParams, clean: bool) -> _Limits:
 
 
 def _sample(prob: _Problem, full: _Full, clean: bool, peeled: _Peeled, params: SpearParams,
-            gen: torch.Generator, t_start: float, signs: torch.Tensor | None = None) -> _Sampled:
+            gen: torch.Generator, t_start: float, signs: torch.Tensor | None = None,
+            head: tuple[torch.Tensor, torch.Tensor] | None = None, relaxed: bool = False) -> _Sampled:
     """The samples peeling left: dictionary learning seeds the pool, sampling completes it (or the best
-    approximate batch)."""
+    approximate batch); where that leaves up to K−3 columns missing the head solves the found samples,
+    which are subtracted like peeled ones, and the smaller residual is searched again."""
     res = _residual(prob, full, peeled)
     lim = _search_limits(res, params, clean)
+    if relaxed:
+        # the samples left after head completion are the densest ones (often inactive on under 10% of
+        # the rows): the binomial threshold rejects their columns, and every batch is verified anyway
+        lim = lim._replace(tau=lim.floor)
     sampler = _Sampler(res.U, res.alive, full.zero_tol, _PROBE_ROWS, gen, lim.tau, lim.floor)
     t = time.perf_counter()
     n_dl, dl_iters = _dl_seed(sampler, res, lim, params, gen, signs) if clean else (0, 0)
     t_dl = time.perf_counter() - t
+    use_head = clean and head is not None and params.head_completion
+    if use_head and n_dl:
+        # the head may already solve the samples dictionary learning found: no sampling needed then
+        done = _head_then_rest(prob, full, clean, peeled, params, gen, t_start, signs, head, sampler, res,
+                               _Sampled(res.Vh[:0], res.U[:, :0], 0, sampler.tried, False, "", sampler.t_solve,
+                                        sampler.t_filter, 0.0, n_dl, dl_iters, t_dl))
+        if done is not None:
+            return done
     search = _search(sampler, res, full, clean, params, lim.budget, t_start, seeded=n_dl > 0)
     if search.best is not None:
         X, G, n_sampled, approximate = search.best.X, search.best.G, search.best.n_ok, not clean
     else:
         (X, G), n_sampled, approximate = _fallback_batch(sampler, res, gen), 0, True
-    return _Sampled(X, G, n_sampled, sampler.tried, approximate, search.message, sampler.t_solve,
-                    sampler.t_filter, search.t_assemble, n_dl, dl_iters, t_dl)
+    out = _Sampled(X, G, n_sampled, sampler.tried, approximate, search.message, sampler.t_solve,
+                   sampler.t_filter, search.t_assemble, n_dl, dl_iters, t_dl)
+    if not use_head or n_sampled == res.Bp:
+        return out
+    return _head_then_rest(prob, full, clean, peeled, params, gen, t_start, signs, head, sampler, res, out) or out
+
+
+def _head_then_rest(prob: _Problem, full: _Full, clean: bool, peeled: _Peeled, params: SpearParams,
+                    gen: torch.Generator, t_start: float, signs: torch.Tensor | None,
+                    head: tuple[torch.Tensor, torch.Tensor] | None, sampler: _Sampler, res: _Residual,
+                    out: _Sampled) -> _Sampled | None:
+    """Head completion from the pool, then the rest searched again; None when the head solves nothing."""
+    assert head is not None
+    solved = _head_complete(prob, full, peeled, sampler, res, head, t_start, params.time_budget_s)
+    if solved is None:
+        return None
+    more, n_head = solved
+    rest = _sample(prob, full, clean, more, params, gen, t_start, signs, head, True) if full.B > len(more.X) else None
+    return _with_head_samples(out._replace(n_head=out.n_head + n_head), more, len(peeled.X), rest)
+
+
+def _head_complete(prob: _Problem, full: _Full, peeled: _Peeled, sampler: _Sampler, res: _Residual,
+                   head: tuple[torch.Tensor, torch.Tensor], t_start: float, budget_s: float
+                   ) -> tuple[_Peeled, int] | None:
+    """``peeled`` plus the pool's samples whose inputs the softmax head determines (:mod:`_spear_head`), verified
+    exactly and subtracted from the residual gradients, then peeling continued; and how many the head solved.
+    None when none is exact."""
+    W2, b2 = head
+    # certified columns only: one false column corrupts every other sample's solve
+    order = [i for i in sampler.ordered() if int(sampler.pool_count[i]) >= sampler.tau]
+    sel = _greedy_independent(list(sampler.pool_q), order, res.Bp)
+    if not sel or not res.Bp - max_missing(W2.shape[0]) <= len(sel) < res.Bp:
+        return None
+    # to float64 precision: the null vector of each column's zero set (the search's rounding is regularised)
+    cols = torch.stack([_nullvec(sampler.Ua[sampler.pool_zero[i]])[0] for i in sel])
+    Xc = head_inputs(cols, res.U * res.alive[:, None], res.S[:, None] * res.Vh, full.W, full.b, W2, b2,
+                     full.zero_tol)
+    Xc = Xc[torch.isfinite(Xc).all(1)]
+    ok, qt = full.verify(Xc)
+    if not bool(ok.any()):
+        return None
+    Xn = list(Xc[ok])
+    Gn = [full.g_column(x, q) for x, q in zip(Xn, qt[ok])]
+    Gs, Xs = torch.stack(Gn, 1), torch.stack(Xn)
+    more = _Peeled(list(peeled.X) + Xn, list(peeled.G) + Gn, peeled.RW - Gs @ Xs, peeled.Rb - Gs.sum(1))
+    # without them, many rows have a single active sample left: peeling goes on
+    return _exact_peel(prob, full, t_start, budget_s, more), len(Xn)
+
+
+def _with_head_samples(out: _Sampled, more: _Peeled, n_before: int, rest: _Sampled | None) -> _Sampled:
+    """The search's record with the head-solved samples (``more`` after ``n_before``) and the rest's search."""
+    Xh = torch.stack(more.X[n_before:])
+    Gh = torch.stack(more.G[n_before:], 1)
+    if rest is None:
+        return out._replace(X=Xh, G=Gh, n_sampled=Xh.shape[0], approximate=False, message="")
+    return out._replace(
+        X=torch.cat([Xh, rest.X]), G=torch.cat([Gh, rest.G], 1), n_sampled=Xh.shape[0] + rest.n_sampled,
+        proposals=out.proposals + rest.proposals, approximate=rest.approximate, message=rest.message,
+        t_solve=out.t_solve + rest.t_solve, t_filter=out.t_filter + rest.t_filter,
+        t_assemble=out.t_assemble + rest.t_assemble, n_dl=out.n_dl + rest.n_dl,
+        dl_iterations=out.dl_iterations + rest.dl_iterations, t_dl=out.t_dl + rest.t_dl,
+        n_head=out.n_head + rest.n_head)
 
 
 def _dl_seed(sampler: _Sampler, res: _Residual, lim: _Limits, params: SpearParams, gen: torch.Generator,
@@ -1213,6 +1308,7 @@ def spear_recover(
     *,
     seed: int = 0,
     class_signs: torch.Tensor | None = None,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
     inexact: bool = False,
 ) -> SpearResult:
     """Recover the inputs of a Linear→ReLU layer from its weight and bias gradients.
@@ -1226,6 +1322,9 @@ def spear_recover(
     :param class_signs: K×m class sign patterns in {−1, 0, 1} for the dictionary-learning search,
         only for a layer that feeds the logits of a cross-entropy loss directly (see
         :func:`defenda_attacks._spear_dl.dl_columns`); None: plain ℓ1.
+    :param head: ``(W₂, b₂)`` of the linear layer that maps this layer's ReLU output to the logits of a
+        softmax cross-entropy loss, when it does (the batch is then completed with up to K−3 columns
+        missing, :mod:`defenda_attacks._spear_head`); None: no such head.
     :param inexact: the columns of ``G`` are known not to be exactly sparse although ``∂L/∂W``
         has rank B (a FedAvg delta of several local steps on the same samples: each column sums
         the sample's gradients along the local run): go straight to the noisy update's
@@ -1268,7 +1367,8 @@ def spear_recover(
     timings["peel"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sampled = _sample(prob, full, rk.clean, peeled, p, gen, t_start, signs) if rk.B > len(peeled.X) else None
+    hd = None if head is None else (head[0].detach().to(torch.float64).cpu(), head[1].detach().to(torch.float64).cpu())
+    sampled = _sample(prob, full, rk.clean, peeled, p, gen, t_start, signs, hd) if rk.B > len(peeled.X) else None
     if sampled is not None:
         timings["dictionary_learning"] = sampled.t_dl
         timings["sample_solve"] = sampled.t_solve
@@ -1293,4 +1393,5 @@ def spear_recover(
         approximate=approximate or not bool(final.exact.all()), message=message, noisy=not rk.clean,
         n_dl_columns=sampled.n_dl if sampled is not None else 0,
         dl_iterations=sampled.dl_iterations if sampled is not None else 0,
+        n_head=sampled.n_head if sampled is not None else 0,
     )
