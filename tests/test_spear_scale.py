@@ -155,16 +155,20 @@ def test_digits_b64_is_reported_information_limited(bench):
     assert rec.info["n_exact_estimate"] <= int((psnr > 100).sum())
 
 
-def _layer_with_head(B: int, n: int = 60, m: int = 400, K: int = 10, seed: int = 0, head: bool = True):
-    """An exact update of Linear(n, m)→ReLU→Linear(m, K) under softmax cross-entropy: (U, R, W, b, W₂, b₂, X, q)
-    with ∂L/∂W = U R and q the true unit columns of Q (basis of U). ``head=False``: G has the
-    masks but random values (no softmax head behind the layer)."""
+def _layer_with_head(B: int, n: int = 60, m: int = 400, K: int = 10, seed: int = 0, head: bool = True,
+                     cluster: int = 0, spread: float = 0.05):
+    """An exact update of Linear(n, m)→ReLU→Linear(m, K) under softmax cross-entropy: (U, R, W, b, W₂, b₂, X, q, ub)
+    with ∂L/∂W = U R, q the true unit columns of Q (basis of U) and ub = Uᵀ ∂L/∂b. ``head=False``: G has
+    the masks but random values (no softmax head behind the layer). ``cluster``: the last samples are
+    one input plus noise of std ``spread`` (similar inputs, nearly equal masks)."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(m, n, dtype=torch.float64, generator=g) / n**0.5
     b = 0.1 * torch.randn(m, dtype=torch.float64, generator=g)
     W2 = torch.randn(K, m, dtype=torch.float64, generator=g) / m**0.5
     b2 = 0.1 * torch.randn(K, dtype=torch.float64, generator=g)
     X = torch.randn(B, n, dtype=torch.float64, generator=g)
+    if cluster:
+        X[B - cluster :] = X[B - cluster] + spread * torch.randn(cluster, n, dtype=torch.float64, generator=g)
     y = torch.randint(0, K, (B,), generator=g)
     z = X @ W.T + b
     e = torch.softmax(torch.relu(z) @ W2.T + b2, 1) - torch.nn.functional.one_hot(y, K).double()
@@ -172,7 +176,7 @@ def _layer_with_head(B: int, n: int = 60, m: int = 400, K: int = 10, seed: int =
     G = (vals * (z > 0)).T / B  # m × B
     U, S, Vh = torch.linalg.svd(G @ X, full_matrices=False)
     U, R = U[:, :B], S[:B, None] * Vh[:B]
-    return U, R, W, b, W2, b2, X, _true_q(U, G)
+    return U, R, W, b, W2, b2, X, _true_q(U, G), U.T @ G.sum(1)
 
 
 @pytest.mark.parametrize("missing", [0, 3, 7])
@@ -182,7 +186,7 @@ def test_head_solves_found_samples_with_up_to_k_minus_3_columns_missing(missing)
     from defenda_attacks._spear_head import head_inputs, max_missing
 
     assert max_missing(10) == 7
-    U, R, W, b, W2, b2, X, q = _layer_with_head(20)
+    U, R, W, b, W2, b2, X, q, _ = _layer_with_head(20)
     k = 20 - missing
     out = head_inputs(q[:, :k].T, U, R, W, b, W2, b2, 1e-8)
     assert torch.allclose(out, X[:k], rtol=0, atol=1e-8 * float(X.abs().max())), (out - X[:k]).abs().max()
@@ -193,9 +197,9 @@ def test_head_gives_nothing_beyond_its_equations_or_without_a_softmax_head():
     softmax structure behind its masks: no candidate (NaN), never a wrong input."""
     from defenda_attacks._spear_head import head_inputs
 
-    U, R, W, b, W2, b2, X, q = _layer_with_head(20)
+    U, R, W, b, W2, b2, X, q, _ = _layer_with_head(20)
     assert bool(head_inputs(q[:, :12].T, U, R, W, b, W2, b2, 1e-8).isnan().all())
-    U, R, W, b, W2, b2, X, q = _layer_with_head(20, head=False)
+    U, R, W, b, W2, b2, X, q, _ = _layer_with_head(20, head=False)
     assert bool(head_inputs(q[:, :17].T, U, R, W, b, W2, b2, 1e-8).isnan().all())
 
 
@@ -207,6 +211,31 @@ def test_photo_crops_b32_completed_through_the_head(bench):
     assert rec.info["n_head"] >= 20 and rec.info["n_exact_estimate"] == 32
     off, _ = _attack(bench, "photos", 32, 2000, seed=1, head_completion=False, max_proposals=20_000)
     assert off.info["n_head"] == 0 and off.info["n_exact_estimate"] < 32
+
+
+def test_shared_state_rows_solve_the_found_samples_beside_a_cluster():
+    """12 similar inputs missing (more than the head's 7): on the rows where all 12 share their state the
+    found samples' dual rows follow from a regression, so their inputs are exact; 12 unrelated
+    missing samples share too few such rows for the fit to converge: no candidate (NaN), never a
+    wrong input."""
+    from defenda_attacks._spear_head import shared_state_inputs
+
+    for spread, exact in ((0.05, True), (1.0, False)):
+        U, R, W, b, W2, b2, X, q, ub = _layer_with_head(40, n=200, m=1500, cluster=12, spread=spread)
+        out = shared_state_inputs(q[:, :28].T, U, R, ub, W2, 1e-8)
+        if exact:
+            assert torch.allclose(out, X[:28], rtol=0, atol=1e-9 * float(X.abs().max()))
+        else:
+            assert bool(out.isnan().all())
+
+
+@pytest.mark.slow
+def test_photo_crops_b64_cluster_exact(bench):
+    """Photos B = 64, seed 1: ℓ1 certifies 50 columns; the 14 missing are nearly flat crops (masks agree on
+    83–99.5% of the neurons), beyond the head's 7; the rows they share solve the 50, peeling the 14."""
+    rec, psnr = _attack(bench, "photos", 64, 2000, seed=1)
+    assert bool((psnr > 100).all()), rec.info
+    assert rec.info["n_head"] == 50 and rec.info["n_exact_estimate"] == 64
 
 
 @pytest.mark.slow

@@ -49,7 +49,11 @@ run in order by :func:`spear_recover`:
    ratios, which are linear equations in its input once the active set is known; with up to
    K − 3 columns still missing (7 for 10 classes, against 2 above) every found sample's input
    is solved (:mod:`defenda_attacks._spear_head`), verified exactly and subtracted like a peeled
-   one; peeling then goes on (the samples left are rarely all active on a neuron), and what
+   one. With more columns missing, the rows on which every missing sample is in the same state
+   (all inactive, or all active: there their columns are ``W₂ᵀ v``) make the found samples'
+   dual rows a linear regression, fitted by alternating trimmed least squares from each found
+   sample's mask (``shared_state_inputs``: a cluster of similar inputs, which ℓ1 cannot separate,
+   is exactly this case). Peeling then goes on (the samples left are rarely all active on a neuron), and what
    remains is searched again with the sparsity threshold at its floor (the last samples are
    the densest: inactive on under 10% of the rows their residual leaves alive).
 5. ``_final_batch``: scale and sign of each column from ``∂L/∂b = L Q 1``; inputs
@@ -82,7 +86,7 @@ import torch
 from defenda import param
 from defenda_attacks._linalg import estimate_rank
 from defenda_attacks._spear_dl import DLConfig, approximate_columns, dl_columns
-from defenda_attacks._spear_head import head_inputs, max_missing
+from defenda_attacks._spear_head import head_inputs, max_missing, shared_state_inputs
 
 __all__ = ["SpearParams", "SpearResult", "spear_recover", "sparsity_threshold", "verify_inputs"]
 
@@ -146,7 +150,8 @@ class SpearParams:
         16, "smallest residual batch B' the dictionary-learning stage runs on (below it sampling is cheap)"
     )
     head_completion: bool = param(
-        True, "where the layer feeds a softmax head, solve found samples' inputs with up to K-3 columns missing"
+        True, "where the layer feeds a softmax head, solve found samples' inputs with up to K-3 columns "
+              "missing, or more beside a cluster of similar missing samples"
     )
     sample_max_batch: int = param(
         32, "largest residual batch B' the sampling stage is tried on (its success rate falls like 2^-B')"
@@ -1031,12 +1036,15 @@ def _head_complete(prob: _Problem, full: _Full, peeled: _Peeled, sampler: _Sampl
     # certified columns only: one false column corrupts every other sample's solve
     order = [i for i in sampler.ordered() if int(sampler.pool_count[i]) >= sampler.tau]
     sel = _greedy_independent(list(sampler.pool_q), order, res.Bp)
-    if not sel or not res.Bp - max_missing(W2.shape[0]) <= len(sel) < res.Bp:
+    if not sel or len(sel) >= res.Bp:
         return None
     # to float64 precision: the null vector of each column's zero set (the search's rounding is regularised)
     cols = torch.stack([_nullvec(sampler.Ua[sampler.pool_zero[i]])[0] for i in sel])
-    Xc = head_inputs(cols, res.U * res.alive[:, None], res.S[:, None] * res.Vh, full.W, full.b, W2, b2,
-                     full.zero_tol)
+    Ua, R = res.U * res.alive[:, None], res.S[:, None] * res.Vh
+    if res.Bp - len(sel) <= max_missing(W2.shape[0]):
+        Xc = head_inputs(cols, Ua, R, full.W, full.b, W2, b2, full.zero_tol)
+    else:
+        Xc = shared_state_inputs(cols, Ua, R, res.U.T @ res.Rb, W2, full.zero_tol)
     Xc = Xc[torch.isfinite(Xc).all(1)]
     ok, qt = full.verify(Xc)
     if not bool(ok.any()):

@@ -99,9 +99,9 @@ class Spear(Attack):
     an own implementation (their code is not public): with it Gaussian-input batches of
     B = 128 at width 2000 are exact. A layer that does not feed the logits directly (deeper MLPs,
     CNN features) gets plain ℓ1 (no class-sign correction). Where it does, the softmax head also
-    solves the found samples' inputs while up to K − 3 columns are still missing (our own
-    addition, ``head_completion``): photo-crop batches of B = 32, and B = 64 when ℓ1 finds 58
-    of 64 columns, become exact.
+    solves the found samples' inputs while up to K − 3 columns are still missing, or more when the
+    missing samples form a cluster (our own addition, ``head_completion``): photo-crop batches of
+    B = 32 and 64 become exact.
 
     Threat model: honest-but-curious server; FedSGD gradient (or a FedAvg delta of
     one local step); knowledge: none required (the batch size is the gradient's
@@ -150,8 +150,10 @@ class Spear(Attack):
             sampling is cheap).
         head_completion (bool, True): where the attacked layer feeds a softmax head directly, solve
             the inputs of the samples whose columns were found from the head's logit ratios while up
-            to K−3 columns are still missing (7 for 10 classes; the bias gradient alone: 2), subtract
-            them and search the rest again; every such input is verified exactly before it is used.
+            to K−3 columns are still missing (7 for 10 classes; the bias gradient alone: 2), or, with
+            more missing, from the rows on which all missing samples share their state (a cluster of
+            similar inputs); subtract them, peel and search the rest again; every such input is
+            verified exactly before it is used.
         sample_max_batch (int, 32): largest residual batch B′ the sampling stage is tried on (a proposal
             succeeds with probability about B′·2^−(B′−1), so beyond it sampling only burns its budget).
         approx_max_proposals (int, 20_000): proposal budget of the search when the update is noisy
