@@ -244,3 +244,24 @@ def test_photo_crops_b64_exact(bench):
     rec, psnr = _attack(bench, "photos", 64, 2000, seed=0)
     assert bool((psnr > 100).all()), rec.info
     assert rec.info["n_exact_estimate"] == 64
+
+
+def test_batched_solves_are_right_on_several_threads():
+    """torch 2.13's batched LU on the CPU fails from about 130×130 up with two threads (raises, or
+    returns wrong solutions with info = 0); SPEAR's solves go around it (the ℓ1 rounding at B' = 256
+    crashed on it)."""
+    from defenda_attacks._linalg import solve, solve_spd
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        A = torch.randn(4, 256, 256, dtype=torch.float64, generator=g) + 16 * torch.eye(256, dtype=torch.float64)
+        rhs = torch.randn(4, 256, dtype=torch.float64, generator=g)
+        x, info = solve(A, rhs)
+        assert bool((info == 0).all()) and float((A @ x[..., None] - rhs[..., None]).abs().max()) < 1e-8
+        S = A @ A.transpose(1, 2)
+        y = solve_spd(S, rhs[..., None])
+        assert float((S @ y - rhs[..., None]).abs().max()) < 1e-8 * float(S.abs().max())
+    finally:
+        torch.set_num_threads(previous)

@@ -84,7 +84,7 @@ from typing import NamedTuple
 import torch
 
 from defenda import param
-from defenda_attacks._linalg import estimate_rank
+from defenda_attacks._linalg import estimate_rank, solve
 from defenda_attacks._spear_dl import DLConfig, approximate_columns, dl_columns
 from defenda_attacks._spear_head import head_inputs, max_missing, shared_state_inputs
 
@@ -543,7 +543,7 @@ class _Sampler:
         na = Ur.shape[0]
         idx = torch.randint(na, (C, Bp - 1), generator=self.gen)
         M = Ur[idx]  # C × (B'−1) × B'
-        sol, info = torch.linalg.solve_ex(M[:, :, :-1], -M[:, :, -1])
+        sol, info = solve(M[:, :, :-1], -M[:, :, -1])
         q = torch.cat([sol, torch.ones(sol.shape[0], 1, dtype=torch.float64)], dim=1)
         q = q[(info == 0) & torch.isfinite(q).all(dim=1)]
         q = q / q.norm(dim=1, keepdim=True)
@@ -1000,6 +1000,8 @@ def _sample(prob: _Problem, full: _Full, clean: bool, peeled: _Peeled, params: S
                                         sampler.t_filter, 0.0, n_dl, dl_iters, t_dl))
         if done is not None:
             return done
+    tried_head = use_head and n_dl > 0
+    pool_before = sampler.pool_q.shape[0]
     search = _search(sampler, res, full, clean, params, lim.budget, t_start, seeded=n_dl > 0)
     if search.best is not None:
         X, G, n_sampled, approximate = search.best.X, search.best.G, search.best.n_ok, not clean
@@ -1007,7 +1009,8 @@ def _sample(prob: _Problem, full: _Full, clean: bool, peeled: _Peeled, params: S
         (X, G), n_sampled, approximate = _fallback_batch(sampler, res, gen), 0, True
     out = _Sampled(X, G, n_sampled, sampler.tried, approximate, search.message, sampler.t_solve,
                    sampler.t_filter, search.t_assemble, n_dl, dl_iters, t_dl)
-    if not use_head or n_sampled == res.Bp:
+    # the same pool gives the same answer: the head is tried again only on new columns
+    if not use_head or n_sampled == res.Bp or (tried_head and sampler.pool_q.shape[0] == pool_before):
         return out
     return _head_then_rest(prob, full, clean, peeled, params, gen, t_start, signs, head, sampler, res, out) or out
 

@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import torch
 
+from defenda_attacks._linalg import solve_spd
+
 __all__ = ["DLColumns", "DLConfig", "approximate_columns", "class_sign_patterns", "dl_columns"]
 
 # Iterates closer than this (|cos|) are one basin: merged at every pruning step.
@@ -221,7 +223,7 @@ def _round(L: torch.Tensor, Q: torch.Tensor, sweeps: int = 2) -> torch.Tensor:
             idx = torch.topk((q @ L.T).abs(), k, dim=1, largest=False).indices  # C × k
             Lz = L[idx]  # C × k × B'
             gram = Lz.transpose(1, 2) @ Lz + eps * eye
-            q = torch.linalg.solve(gram, q.unsqueeze(-1)).squeeze(-1)
+            q = solve_spd(gram, q.unsqueeze(-1)).squeeze(-1)
             q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
         out.append(q)
     return torch.cat(out, 0) if out else torch.zeros(0, Bp, dtype=torch.float64)

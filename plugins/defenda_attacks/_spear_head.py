@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from defenda_attacks._linalg import lstsq
+
 __all__ = ["head_inputs", "max_missing", "shared_state_inputs"]
 
 # relative least-squares residual of the head fit above which a column does not fit W₂ᵀ(π − e_y)
@@ -74,7 +76,7 @@ def _one_input(g: torch.Tensor, rown: torch.Tensor, zero_tol: float, WN: torch.T
     if int(A.sum()) < W2.shape[0]:
         return None
     H = W2[:, A].T  # |A| × K
-    e = torch.linalg.lstsq(H, g[A, None]).solution.flatten()
+    e = lstsq(H, g[A, None]).flatten()
     if float((H @ e - g[A]).norm()) > _FIT_TOL * float(g[A].norm()):
         return None  # the column is not mask ⊙ W₂ᵀ(π − e_y): no softmax head right after the layer
     neg = e < 0
@@ -90,7 +92,7 @@ def _one_input(g: torch.Tensor, rown: torch.Tensor, zero_tol: float, WN: torch.T
     rhs = torch.log(e[rest]) - (o0[rest] - o0[y])
     if lhs.shape[0] < lhs.shape[1]:
         return None
-    sol = torch.linalg.lstsq(lhs, rhs[:, None]).solution.flatten()
+    sol = lstsq(lhs, rhs[:, None]).flatten()
     if not bool(torch.isfinite(sol).all()):
         return None
     return sol[:-1]
@@ -144,7 +146,7 @@ def _shared_state_fit(Xf: torch.Tensor, Yn: torch.Tensor, W2t: torch.Tensor, act
     k, K = Xf.shape[1], W2t.shape[1]
     kept = torch.ones_like(active)
     for _ in range(iterations):
-        A = torch.linalg.lstsq(torch.cat([Xf, W2t * active[:, None]], 1)[kept], Yn[kept]).solution
+        A = lstsq(torch.cat([Xf, W2t * active[:, None]], 1)[kept], Yn[kept])
         base = Yn - Xf @ A[:k]
         r0, r1 = base.norm(dim=1), (base - W2t @ A[k:]).norm(dim=1)
         rmin = torch.minimum(r0, r1)
