@@ -110,8 +110,8 @@ def shared_state_inputs(cols: torch.Tensor, U: torch.Tensor, R: torch.Tensor, ub
     to it: a linear regression with k + K features, exact on those rows, whose solution is every
     found sample's dual row. Which rows they are is unknown: the states alternate with trimmed least
     squares (the ``keep`` share of best-fitting rows), started from each found sample's mask in turn
-    (missing samples of natural images resemble found ones: on a B = 64 photo batch 16 of 50 starts
-    converged). It applies where the missing samples share their states on many rows (a cluster
+    (missing samples of natural images resemble found ones: on a B = 64 photo batch, run on its true
+    columns, 16 of 50 starts converged). It applies where the missing samples share their states on many rows (a cluster
     of similar inputs, e.g. flat image crops: the case where ℓ1 fails, because 14 such columns equal
     ``W₂ᵀ v`` on their common active rows with v in a 9-dimensional space, so combinations of them
     vanish there and are sparser than any true column). ``ub`` = Uᵀ ∂L/∂b (the scale of each sample).
