@@ -25,6 +25,10 @@ Baader, Müller, Vechev, NeurIPS 2024), which uses the head only for labels.
 Shapes: ``cols`` k×B' (unit columns of Q in the basis ``U`` m×B'), ``R`` B'×n, ``W`` m×n,
 ``b`` (m,), ``W2`` K×m, ``b2`` (K,). Returns k×n candidates (NaN rows where a sample does not fit
 the head's structure: a layer that does not feed a softmax head, a label that is not unique).
+
+With more than K − 3 columns missing, :func:`shared_state_inputs` solves the same found samples
+when the missing ones share their states (all inactive, or all active) on many neurons: a cluster
+of similar inputs, the case the ℓ1 search cannot separate.
 """
 
 from __future__ import annotations
