@@ -44,10 +44,9 @@ def solve(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
     Beyond ``_BATCHED_LU_MAX`` on the CPU the batch is solved one matrix at a time (see above).
     """
-    n = A.shape[-1]
-    if A.dim() < 3 or A.device.type != "cpu" or n <= _BATCHED_LU_MAX or A[..., 0, 0].numel() <= 1:
+    n, lead = A.shape[-1], A.shape[:-2]
+    if A.device.type != "cpu" or n <= _BATCHED_LU_MAX or lead.numel() <= 1:
         return torch.linalg.solve_ex(A, B)
-    lead = A.shape[:-2]
     Af, Bf = A.reshape(-1, n, n), B.reshape(-1, *B.shape[len(lead):])
     sols, infos = zip(*(torch.linalg.solve_ex(a, b) for a, b in zip(Af, Bf)))
     return torch.stack(sols).reshape(*lead, *B.shape[len(lead):]), torch.stack(infos).reshape(lead)

@@ -993,14 +993,14 @@ def _sample(prob: _Problem, full: _Full, clean: bool, peeled: _Peeled, params: S
     n_dl, dl_iters = _dl_seed(sampler, res, lim, params, gen, signs) if clean else (0, 0)
     t_dl = time.perf_counter() - t
     use_head = clean and head is not None and params.head_completion
-    if use_head and n_dl:
+    tried_head = use_head and n_dl > 0
+    if tried_head:
         # the head may already solve the samples dictionary learning found: no sampling needed then
         done = _head_then_rest(prob, full, clean, peeled, params, gen, t_start, signs, head, sampler, res,
                                _Sampled(res.Vh[:0], res.U[:, :0], 0, sampler.tried, False, "", sampler.t_solve,
                                         sampler.t_filter, 0.0, n_dl, dl_iters, t_dl))
         if done is not None:
             return done
-    tried_head = use_head and n_dl > 0
     pool_before = sampler.pool_q.shape[0]
     search = _search(sampler, res, full, clean, params, lim.budget, t_start, seeded=n_dl > 0)
     if search.best is not None:

@@ -48,6 +48,14 @@ def max_missing(num_classes: int) -> int:
     return max(num_classes - 3, -1)
 
 
+def _found_bases(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F`` (B'×k, the found columns), ``N`` (B'×u, an orthonormal basis orthogonal to all of them)
+    and ``pinv(F)`` (k×B': row i orthogonal to the other found columns)."""
+    F = cols.T
+    Uf, _, _ = torch.linalg.svd(F, full_matrices=True)
+    return F, Uf[:, F.shape[1]:], torch.linalg.pinv(F)
+
+
 def head_inputs(cols: torch.Tensor, U: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
                 W2: torch.Tensor, b2: torch.Tensor, zero_tol: float) -> torch.Tensor:
     """Candidate inputs (k×n) of the samples whose columns ``cols`` are known; see the module docstring."""
@@ -57,10 +65,7 @@ def head_inputs(cols: torch.Tensor, U: torch.Tensor, R: torch.Tensor, W: torch.T
     u = Bp - k
     if k == 0 or u < 0 or u > max_missing(W2.shape[0]):
         return out
-    F = cols.T  # B' × k, linearly independent unit columns
-    Uf, _, _ = torch.linalg.svd(F, full_matrices=True)
-    NF = Uf[:, k:]  # B' × u: orthogonal to every found column
-    dual = torch.linalg.pinv(F)  # k × B': row i is orthogonal to the other found columns
+    F, NF, dual = _found_bases(cols)
     RN = R.T @ NF  # n × u
     Rd = R.T @ dual.T  # n × k
     WRN, WRd = W @ RN, W @ Rd
@@ -129,16 +134,14 @@ def shared_state_inputs(cols: torch.Tensor, U: torch.Tensor, R: torch.Tensor, ub
     Ua, W2t = U[rows], W2[:, rows].T
     if k == 0 or k >= Bp or Ua.shape[0] < 2 * (k + K):
         return out
-    F = cols.T
-    Uf, _, _ = torch.linalg.svd(F, full_matrices=True)
-    N = Uf[:, k:]
+    F, N, dual = _found_bases(cols)
     Xf, Yn = Ua @ F, Ua @ N
     masks = Xf.abs() > zero_tol * Ua.norm(dim=1, keepdim=True)  # the found samples' active sets
     tol = 1e-9 * float(Yn.norm(dim=1).max())
     for f in range(min(k, max_inits)):
         C = _shared_state_fit(Xf, Yn, W2t, masks[:, f], keep, iterations, tol)
         if C is not None:
-            P = torch.linalg.pinv(F) + C @ N.T  # k × B': the found samples' dual rows
+            P = dual + C @ N.T  # k × B': the found samples' dual rows
             s = P @ ub
             return (P @ R) / s[:, None]
     return out
